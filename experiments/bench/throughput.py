@@ -1,0 +1,123 @@
+"""Train-step throughput of pmem's dense decoder vs HF transformers LlamaForCausalLM (torch CPU).
+
+Both run the same configuration (fwd + bwd + AdamW, fp32, random ids). ``pmem`` runs unrolled
+layers, as the CPU configs do (``demo``), and ``pmem_scan`` the scanned stack. After warm-up the
+implementations alternate, one step each (A B C A B C ...), so machine noise hits all alike;
+medians are reported.
+
+  python -m experiments.bench.throughput --out runs/throughput.json [--steps 7] [--vocab 8192 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import time
+
+import fiddle as fdl
+import jax
+import numpy as np
+from flax import nnx
+
+from configs.base import experiment
+from pmem.models.decoder import Decoder
+from pmem.models.llama_compat import hf_config
+from pmem.train.loop import Trainer
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+class TorchWorker:
+  """The HF model in the oracle venv, stepping on request."""
+
+  def __init__(self, python: str, cfg: dict, b: int, t: int):
+    self.p = subprocess.Popen([python, str(ROOT / "experiments/oracles/hf_llama.py"), "bench", json.dumps(cfg),
+                               str(b), str(t)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    if self.p.stdout.readline().strip() != "ready":
+      raise RuntimeError("the torch worker did not start")
+
+  def step(self) -> float:
+    self.p.stdin.write("step\n")
+    self.p.stdin.flush()
+    return float(self.p.stdout.readline().split()[0])
+
+  def close(self) -> None:
+    self.p.stdin.write("quit\n")
+    self.p.stdin.flush()
+    self.p.wait(timeout=60)
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--out", required=True)
+  ap.add_argument("--steps", type=int, default=7, help="timed steps per implementation (>= 5)")
+  ap.add_argument("--warmup", type=int, default=2)
+  ap.add_argument("--vocab", type=int, default=8192)
+  ap.add_argument("--d_model", type=int, default=256)
+  ap.add_argument("--n_layers", type=int, default=4)
+  ap.add_argument("--n_heads", type=int, default=4)
+  ap.add_argument("--n_kv_heads", type=int, default=2)
+  ap.add_argument("--d_ff", type=int, default=688)
+  ap.add_argument("--seq_len", type=int, default=256)
+  ap.add_argument("--batch_size", type=int, default=16)
+  ap.add_argument("--oracle_python", default=os.environ.get("PMEM_ORACLE_PYTHON", str(ROOT / ".venv-oracle/bin/python")))
+  a = ap.parse_args()
+  b, t = a.batch_size, a.seq_len
+
+  cfg = experiment(vocab=a.vocab, d_model=a.d_model, n_layers=a.n_layers, n_heads=a.n_heads,
+                   n_kv_heads=a.n_kv_heads, d_ff=a.d_ff, seq_len=t, batch_size=b, steps=1000)
+  exp = fdl.build(cfg)
+  ids = np.random.default_rng(0).integers(0, a.vocab, (b, t + 1)).astype(np.int32)
+  batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:], "segment_ids": np.ones((b, t), np.int32),
+           "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+           "loss_mask": np.ones((b, t), np.float32)}
+
+  def pmem_stepper(model_cfg):
+    trainer = Trainer(dataclasses.replace(exp, model=model_cfg))
+    dev_batch = {k: jax.device_put(v, trainer.batch_sharding) for k, v in batch.items()}
+    def step() -> float:
+      t0 = time.perf_counter()
+      trainer.state, m = trainer.step_fn(trainer.state, dev_batch)
+      jax.block_until_ready(m)
+      return time.perf_counter() - t0
+    return step
+
+  model = nnx.eval_shape(lambda: Decoder(exp.model, rngs=nnx.Rngs(0)))
+  steppers = {"pmem": pmem_stepper(dataclasses.replace(exp.model, scan_layers=False)),
+              "pmem_scan": pmem_stepper(exp.model)}
+  worker = TorchWorker(a.oracle_python, hf_config(model), b, t)
+  steppers["hf_torch"] = worker.step
+  times = {k: [] for k in steppers}
+  try:
+    for _ in range(a.warmup):
+      for f in steppers.values():
+        f()
+    for _ in range(a.steps):
+      for k, f in steppers.items():
+        times[k].append(f())
+  finally:
+    worker.close()
+
+  tok = b * t
+  records = [{"impl": k, "tokens_per_s": tok / float(np.median(v)), "median_step_s": float(np.median(v)),
+              "step_s": v} for k, v in times.items()]
+  tps = {r["impl"]: r["tokens_per_s"] for r in records}
+  ratio = tps["pmem"] / tps["hf_torch"]
+  print(f"{'impl':<10} {'median step s':>14} {'tokens/s':>10}")
+  for r in records:
+    print(f"{r['impl']:<10} {r['median_step_s']:>14.3f} {r['tokens_per_s']:>10.0f}")
+  print(f"ratio pmem / hf_torch = {ratio:.2f}; pmem_scan / hf_torch = {tps['pmem_scan'] / tps['hf_torch']:.2f}"
+        f"  (jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} device)")
+  out = pathlib.Path(a.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps({"records": records, "ratio": ratio,
+                                       "ratio_scan": tps["pmem_scan"] / tps["hf_torch"], "config": vars(a) | {"jax": jax.__version__}},
+                            indent=2))
+
+
+if __name__ == "__main__":
+  main()

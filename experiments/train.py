@@ -1,0 +1,64 @@
+"""Launcher: ``python -m experiments.train --config config:NAME [--config fiddler:NAME]
+[--config set:PATH=VALUE] --workdir DIR`` (``--list`` prints configs and fiddlers)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("config", [], "config:NAME, fiddler:NAME[(k=v)], set:PATH=VALUE; applied in order")
+flags.DEFINE_string("workdir", None, "output directory")
+flags.DEFINE_bool("list", False, "print every registered config and fiddler and exit")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for a multi-process run")
+flags.DEFINE_integer("num_processes", None, "number of processes in a multi-process run")
+flags.DEFINE_integer("process_id", None, "this process's index in a multi-process run")
+flags.DEFINE_bool("distributed_auto", False, "let JAX detect the cluster (TPU pod, SLURM, ...)")
+
+
+def write_config(cfg, workdir: str) -> None:
+  from fiddle import printing
+  from fiddle.experimental import serialization
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.txt"), "w") as f:
+    f.write(printing.as_str_flattened(cfg) + "\n")
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(serialization.dump_json(cfg, indent=2))
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  from configs import cli
+  if FLAGS.list:
+    print(cli.listing())
+    return
+  try:
+    cfg = cli.build_config(FLAGS.config)
+  except (cli.ConfigError, KeyError) as e:
+    sys.exit(f"error: {e.args[0] if e.args else e}")
+  if not FLAGS.workdir:
+    sys.exit("error: --workdir is required")
+
+  import fiddle as fdl
+  import jax
+  from pmem.core import mesh as mesh_lib
+  from pmem.train.loop import Trainer
+
+  mesh_lib.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                                  auto=FLAGS.distributed_auto)
+  try:
+    exp = fdl.build(cfg)
+    trainer = Trainer(exp, FLAGS.workdir)
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    sys.exit(f"error: {e.args[0] if e.args else e}")
+  if jax.process_index() == 0:
+    write_config(cfg, FLAGS.workdir)
+  trainer.run()
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,190 @@
+"""Decoder-only LM assembled from a per-layer spec.
+
+Each layer is ``x += seq(norm(x)); x += aug_i(norm_i(x))...; x += channel(norm(x))`` where the
+sequence mixer, the channel mixer and any augmenting branches are factories (Fiddle partials
+or registry names). A memory module replaces or augments the FFN of chosen layers through
+:class:`LayerOverride`; this file never changes when a new module is added. Runs of identical
+consecutive layers are stacked and scanned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from pmem.core import accounting
+from pmem.core.registry import CHANNEL_MIXERS, SEQUENCE_MIXERS
+from pmem.core.rules import constrain
+from pmem.layers.embed import Embed
+from pmem.layers.init import fan_in_normal
+from pmem.layers.norms import RMSNorm
+from pmem.memory.base import TokenContext
+
+Factory = Callable[..., nnx.Module] | str
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerOverride:
+  """Replace the channel/sequence mixer of ``layers`` or add residual branches to them."""
+  layers: tuple[int, ...]
+  channel_mixer: Factory | None = None
+  sequence_mixer: Factory | None = None
+  augment: tuple[Factory, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  vocab: int
+  d_model: int
+  n_layers: int
+  sequence_mixer: Factory
+  channel_mixer: Factory
+  overrides: tuple[LayerOverride, ...] = ()
+  tie_embeddings: bool = False
+  norm_eps: float = 1e-6
+  scan_layers: bool = True
+  remat: str = "none"
+  dtype: str = "float32"
+
+
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _resolve(f: Factory, registry) -> Callable[..., nnx.Module]:
+  return registry.get_or_raise(f) if isinstance(f, str) else f
+
+
+def _same(a, b) -> bool:
+  """Factories compare by callable and bound arguments (functools.partial has no __eq__)."""
+  key = lambda f: (f.func, f.args, f.keywords) if isinstance(f, functools.partial) else f
+  return key(a) == key(b) if not (isinstance(a, tuple) and isinstance(b, tuple)) else (
+      len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b)))
+
+
+def layer_specs(cfg: DecoderConfig) -> list[tuple[Factory, Factory, tuple[Factory, ...]]]:
+  """(sequence mixer, channel mixer, augment) for each layer after applying overrides."""
+  specs = [(cfg.sequence_mixer, cfg.channel_mixer, ()) for _ in range(cfg.n_layers)]
+  for o in cfg.overrides:
+    for i in o.layers:
+      if not 0 <= i < cfg.n_layers:
+        raise ValueError(f"override names layer {i}; the model has layers 0..{cfg.n_layers - 1}")
+      s, c, a = specs[i]
+      specs[i] = (o.sequence_mixer or s, o.channel_mixer or c, a + tuple(o.augment))
+  return specs
+
+
+def stages(specs) -> list[tuple[int, int]]:
+  """Maximal runs [start, stop) of identical consecutive layer specs."""
+  out, start = [], 0
+  for i in range(1, len(specs) + 1):
+    if i == len(specs) or not all(_same(x, y) for x, y in zip(specs[i], specs[start])):
+      out.append((start, i))
+      start = i
+  return out
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: DecoderConfig, spec, *, rngs: nnx.Rngs):
+    seq, ch, aug = spec
+    d = cfg.d_model
+    out_scale = (2 * cfg.n_layers) ** -0.5
+    self.norm_seq = RMSNorm(d, cfg.norm_eps)
+    self.seq = _resolve(seq, SEQUENCE_MIXERS)(d_model=d, out_scale=out_scale, dtype=cfg.dtype, rngs=rngs)
+    self.norm_aug = nnx.List([RMSNorm(d, cfg.norm_eps) for _ in aug])
+    self.aug = nnx.List([_resolve(a, CHANNEL_MIXERS)(d_model=d, dtype=cfg.dtype, rngs=rngs) for a in aug])
+    self.norm_ch = RMSNorm(d, cfg.norm_eps)
+    self.ch = _resolve(ch, CHANNEL_MIXERS)(d_model=d, out_scale=out_scale, dtype=cfg.dtype, rngs=rngs)
+
+  def __call__(self, x: Float[Array, "B T D"], ctx: TokenContext) -> Float[Array, "B T D"]:
+    x = x + self.seq(self.norm_seq(x), ctx).astype(x.dtype)
+    for norm, branch in zip(self.norm_aug, self.aug):
+      x = x + branch(norm(x), ctx).astype(x.dtype)
+    x = x + self.ch(self.norm_ch(x), ctx).astype(x.dtype)
+    return constrain(x, ("batch", "length", "embed"))
+
+  def cost(self, seq_len: int) -> accounting.Cost:
+    parts = [self.norm_seq, self.seq, self.norm_ch, self.ch, *self.norm_aug, *self.aug]
+    return sum((p.cost(seq_len) for p in parts), accounting.Cost())
+
+
+class Stage(nnx.Module):
+  """``n`` identical blocks; stacked (leading layer axis) and scanned when ``scan`` is set."""
+
+  def __init__(self, cfg: DecoderConfig, spec, n: int, *, rngs: nnx.Rngs):
+    self.n, self.scan = n, cfg.scan_layers and n > 1
+    self.policy = REMAT_POLICIES[cfg.remat] if cfg.remat in REMAT_POLICIES else _bad_remat(cfg.remat)
+    self.remat = cfg.remat != "none"
+    if self.scan:
+      make = nnx.vmap(lambda r: Block(cfg, spec, rngs=r), in_axes=0, out_axes=0)
+      self.blocks = make(rngs.split(n))
+    else:
+      self.blocks = nnx.List([Block(cfg, spec, rngs=rngs) for _ in range(n)])
+
+  def __call__(self, x: Float[Array, "B T D"], ctx: TokenContext) -> Float[Array, "B T D"]:
+    def apply(block, h):
+      return block(h, ctx)
+    if self.remat:
+      apply = jax.checkpoint(apply, policy=self.policy)
+    if not self.scan:
+      for block in self.blocks:
+        x = apply(block, x)
+      return x
+    graphdef, state = nnx.split(self.blocks)
+    x, _ = jax.lax.scan(lambda h, s: (apply(nnx.merge(graphdef, s), h), None), x, state)
+    return x
+
+  def cost(self, seq_len: int) -> accounting.Cost:
+    block = self.blocks if self.scan else self.blocks[0]  # costs depend on static sizes only
+    return block.cost(seq_len) * self.n
+
+
+def _bad_remat(name: str):
+  from pmem.core.registry import unknown
+  raise unknown("remat policy", name, REMAT_POLICIES)
+
+
+class Decoder(nnx.Module):
+
+  def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = Embed(cfg.vocab, cfg.d_model, rngs=rngs)
+    specs = layer_specs(cfg)
+    self.stages = nnx.List([Stage(cfg, specs[a], b - a, rngs=rngs) for a, b in stages(specs)])
+    self.norm_out = RMSNorm(cfg.d_model, cfg.norm_eps)
+    if not cfg.tie_embeddings:
+      self.head = nnx.Param(fan_in_normal(rngs.params(), (cfg.d_model, cfg.vocab), cfg.d_model),
+                            axes=("embed", "vocab"))
+
+  def __call__(self, ids: Int[Array, "B T"], ctx: TokenContext) -> Float[Array, "B T V"]:
+    """Float32 logits."""
+    x = constrain(self.embed(ids), ("batch", "length", "embed"))
+    for stage in self.stages:
+      x = stage(x, ctx)
+    h = self.norm_out(x).astype(jnp.float32)
+    if self.cfg.tie_embeddings:
+      logits = self.embed.attend(h)
+    else:
+      b, t, d = h.shape
+      logits = (h.reshape(b * t, d) @ self.head[...]).reshape(b, t, -1)
+    return constrain(logits, ("batch", "length", "act_vocab"))
+
+  def cost(self, seq_len: int) -> accounting.Cost:
+    c = self.embed.cost(seq_len) + self.norm_out.cost(seq_len)
+    c = c + sum((s.cost(seq_len) for s in self.stages), accounting.Cost())
+    head = accounting.dense(self.cfg.d_model, self.cfg.vocab)
+    if self.cfg.tie_embeddings:  # the table is already counted as stored params
+      head = dataclasses.replace(head, params=0)
+    return c + head

@@ -1,0 +1,216 @@
+"""The training loop: mesh, sharded init, jitted donated step, logging, summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from pmem.core import accounting, mesh as mesh_lib, rules
+from pmem.core.variables import is_variable
+from pmem.data.text import ByteBatches, DataConfig
+from pmem.models.decoder import Decoder, DecoderConfig
+from pmem.train import optim, step as step_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 100
+  batch_size: int = 16
+  seq_len: int = 128
+  log_every: int = 1
+  eval_batches: int = 2
+  z_loss: float = 0.0
+  optim: optim.OptimConfig = optim.OptimConfig()
+  progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  model: DecoderConfig
+  train: TrainConfig = TrainConfig()
+  mesh: mesh_lib.MeshConfig = mesh_lib.MeshConfig()
+  data: DataConfig = DataConfig()
+  seed: int = 0
+
+
+def param_shardings(mesh, abstract_state: nnx.State):
+  """NamedSharding per variable from its logical ``axes`` metadata (replicated if none)."""
+  def one(v):
+    axes = v.get_metadata().get("axes", ())
+    return NamedSharding(mesh, rules.logical_to_spec(axes, v.ndim))
+  return jax.tree.map(one, abstract_state, is_leaf=is_variable)
+
+
+def shardings_like(tree, abs_params, params_sh, default):
+  """Shardings for a tree (optimizer state) whose leaves mirror parameters: a leaf whose key
+  path ends with a parameter's path and has its shape gets that parameter's sharding."""
+  flat = jax.tree_util.tree_flatten_with_path
+  by_path = {tuple(p): (a.shape, s) for (p, a), s in zip(flat(abs_params)[0], jax.tree.leaves(params_sh))}
+  def one(path, leaf):
+    for k in range(len(path)):
+      shape, sh = by_path.get(tuple(path[k:]), (None, None))
+      if shape == leaf.shape:
+        return sh
+    return default
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def count_params(state: nnx.State) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))
+
+
+class Trainer:
+  """Builds everything a run needs; ``run`` trains and returns the summary."""
+
+  def __init__(self, exp: Experiment, workdir: str | None = None):
+    self.exp, self.workdir = exp, workdir
+    t = exp.train
+    if t.steps < 1 or t.batch_size < 1 or t.seq_len < 1:
+      raise ValueError(f"train.steps, train.batch_size and train.seq_len must be >= 1, got "
+                       f"{t.steps}, {t.batch_size}, {t.seq_len}")
+    self.mesh = mesh_lib.make_mesh(exp.mesh)
+    n_batch = exp.mesh.data * exp.mesh.fsdp
+    if t.batch_size % n_batch:
+      raise ValueError(f"train.batch_size={t.batch_size} must be divisible by mesh.data*mesh.fsdp={n_batch}")
+    self.data = ByteBatches(exp.data, t.seq_len, exp.seed)
+    if self.data.vocab > exp.model.vocab:
+      raise ValueError(f"the {exp.data.corpus!r} corpus has ids up to {self.data.vocab - 1} but "
+                       f"model.vocab={exp.model.vocab}")
+    self.tx, self.lr = optim.build(t.optim, t.steps)
+    self.batch_sharding = NamedSharding(self.mesh, rules.logical_to_spec(("batch", "length")))
+
+    def init():
+      model = Decoder(exp.model, rngs=nnx.Rngs(exp.seed))
+      graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+      return graphdef, params, rest, model.cost(t.seq_len)
+
+    with jax.set_mesh(self.mesh):
+      graphdef, abs_params, abs_rest, self.cost = _abstract(init)
+      self.graphdef = graphdef
+      p_sh, r_sh = param_shardings(self.mesh, abs_params), param_shardings(self.mesh, abs_rest)
+      params, rest = jax.jit(lambda: init()[1:3], out_shardings=(p_sh, r_sh))()
+      replicated = NamedSharding(self.mesh, P())
+      opt_sh = shardings_like(jax.eval_shape(self.tx.init, abs_params), abs_params, p_sh, replicated)
+      opt = jax.jit(self.tx.init, out_shardings=opt_sh)(params)
+      self.state = {"params": params, "rest": rest, "opt": opt,
+                    "step": jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(self.mesh, P()))}
+      state_sh = jax.tree.map(lambda x: x.sharding, self.state)
+      batch_sh = {k: self.batch_sharding for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
+      self.step_fn = jax.jit(step_lib.make_train_step(graphdef, self.tx, self.lr, t.z_loss),
+                             in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
+                             donate_argnums=0)
+      self.eval_fn = jax.jit(step_lib.make_eval_step(graphdef), in_shardings=(state_sh, batch_sh),
+                             out_shardings=replicated)
+    self.params_total = count_params(self.state["params"])
+
+  def batch(self, source: ByteBatches, step: int) -> dict[str, jax.Array]:
+    """The global batch of ``step``; this process computes only the rows its devices hold."""
+    shape = (self.exp.train.batch_size, self.exp.train.seq_len)
+    index = self.batch_sharding.addressable_devices_indices_map(shape)
+    rows = sorted({r for idx in index.values() for r in range(*idx[0].indices(shape[0]))})
+    local = source.rows(step, rows)
+    if local["inputs"].min() < 0 or local["inputs"].max() >= self.exp.model.vocab:
+      raise ValueError(f"batch {step} has token ids outside [0, {self.exp.model.vocab})")
+    where = {r: i for i, r in enumerate(rows)}
+    def array(x):
+      pick = lambda idx: x[[where[r] for r in range(*idx[0].indices(shape[0]))]][:, idx[1]]
+      return jax.make_array_from_callback(shape, self.batch_sharding, pick)
+    return {k: array(v) for k, v in local.items()}
+
+  def summary_header(self) -> dict[str, Any]:
+    c = self.cost
+    return {"params_total": self.params_total, "params_active_per_token": c.active_params,
+            "flops_per_token": c.flops, "train_flops_per_token": accounting.train_flops(c),
+            "bytes_read_per_token": c.bytes_read, "devices": int(np.prod(self.exp.mesh.shape)),
+            "processes": jax.process_count(), "mesh": dataclasses.asdict(self.exp.mesh)}
+
+  def run(self) -> dict[str, Any]:
+    t, lead = self.exp.train, jax.process_index() == 0
+    log = _Writer(self.workdir if lead else None)
+    head = self.summary_header()
+    if lead:
+      print("pmem: " + ", ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}" for k, v in head.items()),
+            flush=True)
+    bar = _progress(t.steps, lead and t.progress)
+    tokens = t.batch_size * t.seq_len
+    last_t, last_step, steady = time.perf_counter(), 0, []
+    metrics = None
+    with jax.set_mesh(self.mesh):
+      for s in range(t.steps):
+        self.state, metrics = self.step_fn(self.state, self.batch(self.data, s))
+        if (s + 1) % t.log_every == 0 or s + 1 == t.steps:
+          m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          now = time.perf_counter()
+          m["tokens_per_s"] = tokens * (s + 1 - last_step) / (now - last_t)
+          if last_step > 0:  # exclude the compiling first interval
+            steady.append(m["tokens_per_s"])
+          last_t, last_step = now, s + 1
+          if not math.isfinite(m["loss"]):
+            raise FloatingPointError(f"loss is {m['loss']} at step {s + 1}; stopping (lower train.optim.lr "
+                                     "or enable clipping)")
+          log.metrics({"step": s + 1, **m})
+          bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
+        bar.update(1)
+      bar.close()
+      valid = self.evaluate(t.eval_batches) if t.eval_batches else None
+    summary = {**head, "final_loss": m["loss"], "valid_loss": valid, "steps": t.steps,
+               "tokens_per_s": float(np.median(steady)) if steady else m["tokens_per_s"]}
+    log.summary(summary)
+    if lead:
+      print("pmem: " + json.dumps({k: summary[k] for k in ("final_loss", "valid_loss", "tokens_per_s")}), flush=True)
+    return summary
+
+  def evaluate(self, n_batches: int) -> float:
+    source = ByteBatches(dataclasses.replace(self.exp.data, split="valid"), self.exp.train.seq_len, self.exp.seed)
+    tot = ntok = 0.0
+    for b in range(n_batches):
+      out = jax.device_get(self.eval_fn(self.state, self.batch(source, b)))
+      tot, ntok = tot + float(out["ce_sum"]), ntok + float(out["tokens"])
+    return tot / max(ntok, 1.0)
+
+
+def _abstract(init):
+  """Abstract (graphdef, params, rest, cost) without allocating parameters."""
+  out = {}
+  def shapes():
+    graphdef, params, rest, cost = init()
+    out.update(graphdef=graphdef, cost=cost)
+    return params, rest
+  params, rest = jax.eval_shape(shapes)
+  return out["graphdef"], params, rest, out["cost"]
+
+
+class _Writer:
+  """metrics.jsonl and summary.json, written by process 0 only."""
+
+  def __init__(self, workdir: str | None):
+    self.workdir = workdir
+    if workdir:
+      os.makedirs(workdir, exist_ok=True)
+      self.f = open(os.path.join(workdir, "metrics.jsonl"), "w")
+
+  def metrics(self, m: dict) -> None:
+    if self.workdir:
+      self.f.write(json.dumps(m) + "\n")
+      self.f.flush()
+
+  def summary(self, s: dict) -> None:
+    if self.workdir:
+      self.f.close()
+      with open(os.path.join(self.workdir, "summary.json"), "w") as f:
+        json.dump(s, f, indent=2)
+
+
+def _progress(total: int, enabled: bool):
+  from tqdm.auto import tqdm
+  return tqdm(total=total, disable=not enabled, unit="step", dynamic_ncols=True)

@@ -1,0 +1,31 @@
+"""Test setup: 8 fake CPU devices for the whole session (set before JAX starts)."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in flags:
+  os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
+
+import pytest  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ORACLE_PYTHON = pathlib.Path(os.environ.get("PMEM_ORACLE_PYTHON", ROOT / ".venv-oracle" / "bin" / "python"))
+
+
+def run_oracle(*args: str, timeout: float = 300) -> None:
+  """Runs an oracle script under the torch venv; skips (with the reason) if that venv is absent."""
+  if not ORACLE_PYTHON.exists():
+    pytest.skip(f"no oracle venv at {ORACLE_PYTHON}; `make oracle` creates it")
+  r = subprocess.run([str(ORACLE_PYTHON), *args], capture_output=True, text=True, timeout=timeout)
+  if r.returncode:
+    raise AssertionError(f"oracle failed ({r.returncode}):\n{r.stderr[-4000:]}")
+
+
+def run_launcher(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+  """``python -m experiments.train ARGS`` in a fresh process from the repo root."""
+  e = {**os.environ, **(env or {})}
+  return subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=ROOT, env=e,
+                        capture_output=True, text=True, timeout=timeout)

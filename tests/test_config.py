@@ -1,0 +1,91 @@
+"""Configs, fiddlers, set: paths, --list, and one-line errors that suggest close matches."""
+
+import json
+
+import fiddle as fdl
+import jax
+import pytest
+from flax import nnx
+
+import configs
+from configs import cli
+from conftest import run_launcher
+from pmem.models import Decoder
+
+
+def test_every_config_builds_and_inits_abstractly():
+  configs.load_all()
+  assert {"tiny", "demo"} <= set(configs.CONFIGS)
+  for name in configs.CONFIGS:
+    exp = fdl.build(cli.build_config([f"config:{name}"]))
+    model = nnx.eval_shape(lambda: Decoder(exp.model, rngs=nnx.Rngs(0)))
+    assert model.cost(exp.train.seq_len).params > 0
+
+
+def test_stable_set_paths():
+  cfg = cli.build_config(["config:tiny", "set:train.steps=7", "set:train.batch_size=8", "set:train.seq_len=32",
+                          "set:seed=3", "set:mesh.data=2", "set:mesh.fsdp=2", "set:mesh.tensor=2"])
+  exp = fdl.build(cfg)
+  assert (exp.train.steps, exp.train.batch_size, exp.train.seq_len, exp.seed) == (7, 8, 32, 3)
+  assert exp.mesh.shape == (2, 2, 2)
+
+
+def test_fiddlers_apply_in_order_with_arguments():
+  exp = fdl.build(cli.build_config(["config:tiny", "fiddler:tied", "fiddler:remat(policy='dots')",
+                                    "set:model.remat='full'", "fiddler:z_loss(weight=0.5)"]))
+  assert exp.model.tie_embeddings and exp.model.remat == "full" and exp.train.z_loss == 0.5
+
+
+def test_nested_dataclass_defaults_are_settable():
+  assert "train.optim.tables.lr_mult" in cli.paths(cli.build_config(["config:tiny"]))
+  exp = fdl.build(cli.build_config(["config:tiny", "set:train.optim.tables.lr_mult=5.0"]))
+  assert exp.train.optim.tables.lr_mult == 5.0
+
+
+@pytest.mark.parametrize("commands,message", [
+    (["config:tinny"], "unknown config 'tinny'; did you mean 'tiny'?"),
+    (["config:tiny", "fiddler:tide"], "unknown fiddler 'tide'; did you mean 'tied'?"),
+    (["config:tiny", "set:train.step=3"], "unknown config path 'train.step'; did you mean 'train.steps'"),
+    (["config:tiny", "set:mesh.dta=2"], "did you mean 'mesh.data'"),
+    (["config:tiny", "set:train.steps=many"], "set:train.steps: expected int, got 'many'"),
+    (["config:tiny", "fiddler:remat(polcy='full')"], "fiddler 'remat' takes no argument 'polcy'"),
+    (["set:seed=1"], "comes before config:NAME"),
+    (["tiny"], "bad --config 'tiny'"),
+])
+def test_bad_commands_fail_with_one_clear_line(commands, message):
+  with pytest.raises(cli.ConfigError) as e:
+    cli.build_config(commands)
+  assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_launcher_list_and_bad_name_leave_workdir_untouched(tmp_path):
+  r = run_launcher("--list")
+  assert r.returncode == 0
+  for name in ("config:tiny", "config:demo", "fiddler:tied", "fiddler:remat"):
+    assert name in r.stdout
+  work = tmp_path / "w"
+  work.mkdir()
+  (work / "keep.txt").write_text("x")
+  r = run_launcher("--config", "config:tiny", "--config", "set:train.stpes=2", "--workdir", str(work))
+  assert r.returncode != 0
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: unknown config path 'train.stpes'; did you mean 'train.steps'"), r.stderr
+  assert sorted(p.name for p in work.iterdir()) == ["keep.txt"]
+  # a validation error past config parsing (mesh larger than the devices) also writes nothing
+  r = run_launcher("--config", "config:tiny", "--config", "set:mesh.data=64", "--workdir", str(work))
+  assert r.returncode != 0 and "needs 64 devices" in r.stderr.strip().splitlines()[-1]
+  assert sorted(p.name for p in work.iterdir()) == ["keep.txt"]
+
+
+def test_launcher_writes_run_files(tmp_path):
+  r = run_launcher("--config", "config:tiny", "--config", "set:train.steps=3", "--workdir", str(tmp_path))
+  assert r.returncode == 0, r.stderr
+  assert "train.steps: int = 3" in (tmp_path / "config.txt").read_text()
+  assert json.loads((tmp_path / "config.json").read_text())["root"]
+  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [1, 2, 3]
+  assert {"step", "loss", "learning_rate", "tokens_per_s"} <= set(rows[0])
+  s = json.loads((tmp_path / "summary.json").read_text())
+  assert {"params_total", "params_active_per_token", "flops_per_token", "final_loss"} <= set(s)
+  assert s["final_loss"] == rows[-1]["loss"]
+  assert "it/s" in r.stderr or "step/s" in r.stderr or "s/step" in r.stderr  # the progress bar

@@ -1,0 +1,127 @@
+"""Decoder structure: segment masking, scan == loop, remat == none, accounting, bad input."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from pmem.core import accounting
+from pmem.core.variables import MemoryTable
+from pmem.layers.attention import Attention
+from pmem.layers.mlp import SwiGLU
+from pmem.memory.base import TokenContext
+from pmem.models import Decoder, DecoderConfig, LayerOverride
+from pmem.models.llama_compat import layers
+
+
+def config(**kw) -> DecoderConfig:
+  base = dict(vocab=64, d_model=32, n_layers=4,
+              sequence_mixer=functools.partial(Attention, n_heads=4, n_kv_heads=2),
+              channel_mixer=functools.partial(SwiGLU, d_ff=48))
+  return DecoderConfig(**{**base, **kw})
+
+
+def context(ids, segment_ids=None, positions=None):
+  b, t = ids.shape
+  seg = jnp.ones_like(ids) if segment_ids is None else segment_ids
+  pos = jnp.broadcast_to(jnp.arange(t), (b, t)) if positions is None else positions
+  return TokenContext(ids, pos, seg)
+
+
+def forward(model, ids, ctx):
+  """Jitted forward (eager NNX dispatch is slow on CPU)."""
+  g, st = nnx.split(model)
+  return jax.jit(lambda st, ids, ctx: nnx.merge(g, st)(ids, ctx))(st, ids, ctx)
+
+
+def test_output_shape_and_dtype():
+  m = Decoder(config(), rngs=nnx.Rngs(0))
+  ids = jnp.zeros((3, 10), jnp.int32)
+  y = forward(m, ids, context(ids))
+  chex.assert_shape(y, (3, 10, 64))
+  chex.assert_type(y, jnp.float32)
+  chex.assert_tree_all_finite(y)
+
+
+def test_packed_documents_do_not_attend_across():
+  m = Decoder(config(), rngs=nnx.Rngs(1))
+  rng = np.random.default_rng(0)
+  ids = jnp.asarray(rng.integers(0, 64, (1, 24)), jnp.int32)
+  seg = jnp.asarray([[1] * 10 + [2] * 14])
+  pos = jnp.asarray([list(range(10)) + list(range(14))])
+  y = forward(m, ids, context(ids, seg, pos))
+  ids2 = ids.at[0, :10].set(jnp.asarray(rng.integers(0, 64, 10)))  # change document 1 only
+  y2 = forward(m, ids2, context(ids2, seg, pos))
+  np.testing.assert_array_equal(np.asarray(y[0, 10:]), np.asarray(y2[0, 10:]))
+  assert np.abs(np.asarray(y[0, :10] - y2[0, :10])).max() > 1e-3
+  # document 2 alone, at positions 0.., gives the same logits as when packed
+  alone = forward(m, ids[:, 10:], context(ids[:, 10:]))
+  np.testing.assert_allclose(np.asarray(alone[0]), np.asarray(y[0, 10:]), atol=1e-5)
+
+
+def test_scan_equals_loop_and_remat_equals_none():
+  scanned = Decoder(config(), rngs=nnx.Rngs(2))
+  looped = Decoder(config(scan_layers=False), rngs=nnx.Rngs(5))
+  for dst, src in zip(layers(looped), layers(scanned)):
+    nnx.update(dst, nnx.state(src))
+  nnx.update(looped.embed, nnx.state(scanned.embed))
+  nnx.update(looped.norm_out, nnx.state(scanned.norm_out))
+  looped.head[...] = scanned.head[...]
+  ids = jnp.asarray(np.random.default_rng(1).integers(0, 64, (2, 12)), jnp.int32)
+  np.testing.assert_allclose(np.asarray(forward(scanned, ids, context(ids))),
+                             np.asarray(forward(looped, ids, context(ids))), atol=1e-5)
+
+  def grads(model):
+    g, p = nnx.split(model)
+    f = lambda p: nnx.merge(g, p)(ids, context(ids)).sum()
+    return jax.jit(jax.grad(f))(p)
+  remat = Decoder(config(remat="full"), rngs=nnx.Rngs(2))
+  chex.assert_trees_all_close(grads(scanned), grads(remat), rtol=1e-4, atol=1e-3)  # grads reach ~1e2
+
+
+def test_overrides_split_stages_and_cost_counts_params():
+  half = functools.partial(SwiGLU, d_ff=16)
+  m = Decoder(config(overrides=(LayerOverride(layers=(1, 3), channel_mixer=half),), tie_embeddings=True),
+              rngs=nnx.Rngs(0))
+  assert [s.n for s in m.stages] == [1, 1, 1, 1]
+  assert [b.ch.d_ff for b in layers(m)] == [48, 16, 48, 16]
+  n = sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
+  c = m.cost(seq_len=10)
+  assert c.params == n
+  d, v, h = 32, 64, 32  # model width, vocab, n_heads*head_dim
+  attn = 2 * (d * h + 2 * d * 16 + h * d) + 2 * 2 * 10 * h // 2
+  ffn = lambda f: 2 * 3 * d * f
+  assert c.flops == 4 * attn + 2 * ffn(48) + 2 * ffn(16) + 2 * d * v
+  # active params: one embedding row instead of the table, everything else read in full
+  assert c.active_params == n - v * d + d + v * d
+  assert accounting.train_flops(c) == 3 * c.flops
+
+
+def test_stacked_layers_are_one_stage():
+  m = Decoder(config(), rngs=nnx.Rngs(0))
+  assert len(m.stages) == 1 and m.stages[0].scan
+  assert m.stages[0].blocks.seq.wq.shape == (4, 32, 4, 8)
+
+
+def test_out_of_range_ids_are_rejected():
+  m = Decoder(config(), rngs=nnx.Rngs(0))
+  ids = jnp.asarray([[1, 64]], jnp.int32)
+  with pytest.raises(ValueError, match=r"token ids must lie in \[0, 64\)"):
+    m(ids, context(ids))
+
+
+def test_bad_layer_override_and_names_are_errors():
+  with pytest.raises(ValueError, match="layer 9"):
+    Decoder(config(overrides=(LayerOverride(layers=(9,)),)), rngs=nnx.Rngs(0))
+  with pytest.raises(KeyError, match="did you mean 'swiglu'"):
+    Decoder(config(channel_mixer="swiglue"), rngs=nnx.Rngs(0))
+  with pytest.raises(KeyError, match="remat policy"):
+    Decoder(config(remat="ful"), rngs=nnx.Rngs(0))
+
+
+def test_memory_table_is_its_own_variable_type():
+  assert issubclass(MemoryTable, nnx.Param)

@@ -1,0 +1,83 @@
+"""Optimizer routing by variable type, separate clipping, and the NaN guard."""
+
+import dataclasses
+import functools
+
+import fiddle as fdl
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import cli
+from pmem.core import accounting
+from pmem.core.variables import MemoryTable
+from pmem.models import LayerOverride
+from pmem.train import optim
+from pmem.train.loop import Trainer
+
+
+class TokenTable(nnx.Module):
+  """A minimal channel mixer with a MemoryTable (the protocol, as STEM/Engram will use it)."""
+
+  def __init__(self, d_model: int, vocab: int = 256, *, rngs: nnx.Rngs, **_):
+    self.vocab, self.d = vocab, d_model
+    self.table = MemoryTable(0.02 * jax.random.normal(rngs.params(), (vocab, d_model)), axes=("table_rows", "embed"))
+
+  def __call__(self, x, ctx):
+    return x * jnp.take(self.table[...], ctx.ids, axis=0)
+
+  def cost(self, seq_len):
+    return accounting.lookup(self.vocab, self.d, rows_read=1)
+
+
+def trainer(*sets, steps=3) -> Trainer:
+  cfg = cli.build_config(["config:tiny", f"set:train.steps={steps}", "set:train.progress=False",
+                          "set:train.eval_batches=0", *sets])
+  exp = fdl.build(cfg)
+  over = LayerOverride(layers=(1,), augment=(functools.partial(TokenTable),))
+  return Trainer(dataclasses.replace(exp, model=dataclasses.replace(exp.model, overrides=(over,))))
+
+
+def table_and_dense(t: Trainer):
+  p = t.state["params"]
+  return np.asarray(p["stages"][1]["blocks"][0]["aug"][0]["table"][...]), np.asarray(p["head"][...])
+
+
+@pytest.mark.parametrize("lr_mult", [0.0, 1.0])
+def test_tables_get_their_own_learning_rate(lr_mult):
+  t = trainer(f"set:train.optim.tables.lr_mult={lr_mult}")
+  table0, head0 = table_and_dense(t)
+  t.run()
+  table1, head1 = table_and_dense(t)
+  assert not np.allclose(head0, head1)
+  assert np.array_equal(table0, table1) == (lr_mult == 0.0)
+  assert t.summary_header()["params_total"] == t.cost.params  # the protocol's count is exact
+
+
+def test_tables_are_clipped_separately():
+  cfg = optim.OptimConfig(lr=1.0, warmup_steps=0, eps=1e3, weight_decay=0.0, clip_norm=1.0,
+                          tables=optim.TableOptimConfig(clip_norm=1.0))
+  tx, _ = optim.build(cfg, 10)
+
+  class M(nnx.Module):
+    def __init__(self):
+      self.w = nnx.Param(jnp.zeros((4,)), axes=("embed",))
+      self.t = MemoryTable(jnp.zeros((4,)), axes=("table_rows",))
+
+  params = nnx.state(M(), nnx.Param)
+  g = jax.tree.map(lambda x: x, params)
+  g["w"][...] = jnp.full((4,), 0.25)  # norm 0.5: below its clip
+  g["t"][...] = jnp.full((4,), 50.0)  # norm 100: clipped to 1
+  up, _ = tx.update(g, tx.init(params), params)
+  # step 0 of the cosine schedule is lr=1; Adam's first update is -g/(|g| + eps)
+  np.testing.assert_allclose(np.asarray(up["w"][...]), -0.25 / (0.25 + 1e3), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(up["t"][...]), -0.5 / (0.5 + 1e3), rtol=1e-5)
+
+
+def test_nan_loss_stops_with_a_clear_error():
+  t = trainer("set:train.optim.lr=1e30", "set:train.optim.clip_norm=None", "set:train.optim.warmup_steps=0",
+              steps=6)
+  with pytest.raises(FloatingPointError, match=r"loss is nan at step \d"):
+    t.run()
