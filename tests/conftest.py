@@ -1,5 +1,6 @@
 """Test setup: 8 fake CPU devices for the whole session (set before JAX starts)."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -29,3 +30,8 @@ def run_launcher(*args: str, env: dict | None = None, timeout: float = 600) -> s
   e = {**os.environ, **(env or {})}
   return subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=ROOT, env=e,
                         capture_output=True, text=True, timeout=timeout)
+
+
+def read_losses(workdir) -> list[float]:
+  """Per-step losses from a run's metrics.jsonl."""
+  return [json.loads(l)["loss"] for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]

@@ -125,3 +125,11 @@ def test_bad_layer_override_and_names_are_errors():
 
 def test_memory_table_is_its_own_variable_type():
   assert issubclass(MemoryTable, nnx.Param)
+
+
+def test_mismatched_context_shapes_are_rejected():
+  m = Decoder(config(), rngs=nnx.Rngs(0))
+  ids = jnp.zeros((2, 8), jnp.int32)
+  bad = TokenContext(ids, jnp.zeros((2, 7), jnp.int32), jnp.ones_like(ids))
+  with pytest.raises(AssertionError, match="shape"):
+    forward(m, ids, bad)

@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import cli
-from conftest import run_launcher
+from conftest import read_losses, run_launcher
 from pmem.core import rules
 from pmem.train.loop import Trainer
 
@@ -22,10 +22,6 @@ def tiny_losses(tmp_path, data=1, fsdp=1, tensor=1, *extra) -> list[float]:
   work = tmp_path / f"{data}{fsdp}{tensor}"
   Trainer(fdl.build(cfg), str(work)).run()
   return read_losses(work)
-
-
-def read_losses(work) -> list[float]:
-  return [json.loads(l)["loss"] for l in (work / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -109,10 +110,14 @@ class Block(nnx.Module):
     self.ch = _resolve(ch, CHANNEL_MIXERS)(d_model=d, out_scale=out_scale, dtype=cfg.dtype, rngs=rngs)
 
   def __call__(self, x: Float[Array, "B T D"], ctx: TokenContext) -> Float[Array, "B T D"]:
-    x = x + self.seq(self.norm_seq(x), ctx).astype(x.dtype)
+    def residual(x, mixer, norm):
+      y = mixer(norm(x), ctx)
+      chex.assert_equal_shape([x, y])  # every mixer maps [B, T, D] -> [B, T, D]
+      return x + y.astype(x.dtype)
+    x = residual(x, self.seq, self.norm_seq)
     for norm, branch in zip(self.norm_aug, self.aug):
-      x = x + branch(norm(x), ctx).astype(x.dtype)
-    x = x + self.ch(self.norm_ch(x), ctx).astype(x.dtype)
+      x = residual(x, branch, norm)
+    x = residual(x, self.ch, self.norm_ch)
     return constrain(x, ("batch", "length", "embed"))
 
   def cost(self, seq_len: int) -> accounting.Cost:
@@ -170,6 +175,9 @@ class Decoder(nnx.Module):
 
   def __call__(self, ids: Int[Array, "B T"], ctx: TokenContext) -> Float[Array, "B T V"]:
     """Float32 logits."""
+    chex.assert_rank(ids, 2)
+    chex.assert_type(ids, int)
+    chex.assert_equal_shape([ids, ctx.positions, ctx.segment_ids])
     x = constrain(self.embed(ids), ("batch", "length", "embed"))
     for stage in self.stages:
       x = stage(x, ctx)
@@ -179,6 +187,7 @@ class Decoder(nnx.Module):
     else:
       b, t, d = h.shape
       logits = (h.reshape(b * t, d) @ self.head[...]).reshape(b, t, -1)
+    chex.assert_shape(logits, (*ids.shape, self.cfg.vocab))
     return constrain(logits, ("batch", "length", "act_vocab"))
 
   def cost(self, seq_len: int) -> accounting.Cost:
