@@ -42,7 +42,6 @@ def tiny() -> fdl.Config:
 def demo() -> fdl.Config:
   cfg = experiment(d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=688, steps=200,
                    seq_len=256, lr=2e-3)
-  cfg.model.scan_layers = False  # on XLA:CPU the scanned stack is ~10-20% slower (experiments/bench)
   cfg.train.log_every = 10
   cfg.train.eval_batches = 8
   return cfg
