@@ -10,6 +10,7 @@ from pmem.core.registry import CHANNEL_MIXERS, SEQUENCE_MIXERS
 from pmem.data.text import DataConfig
 from pmem.models import DecoderConfig
 from pmem.train import optim
+from pmem.train.checkpoint import CheckpointConfig
 from pmem.train.loop import Experiment, TrainConfig
 
 
@@ -30,6 +31,7 @@ def experiment(*, vocab=256, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, d_
                        optim=fdl.Config(optim.OptimConfig, lr=lr, tables=fdl.Config(optim.TableOptimConfig))),
       mesh=fdl.Config(MeshConfig),
       data=fdl.Config(DataConfig),
+      checkpoint=fdl.Config(CheckpointConfig),
       seed=0)
 
 
@@ -43,6 +45,7 @@ def demo() -> fdl.Config:
   cfg = experiment(d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=688, steps=200,
                    seq_len=256, lr=2e-3)
   cfg.train.log_every = 10
+  cfg.checkpoint.every = 50
   cfg.train.eval_batches = 8
   return cfg
 

@@ -19,7 +19,7 @@ from pmem.core import accounting, mesh as mesh_lib, rules
 from pmem.core.variables import is_variable
 from pmem.data.text import ByteBatches, DataConfig
 from pmem.models.decoder import Decoder, DecoderConfig
-from pmem.train import optim, step as step_lib
+from pmem.train import checkpoint as ckpt_lib, optim, step as step_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +40,14 @@ class Experiment:
   train: TrainConfig = TrainConfig()
   mesh: mesh_lib.MeshConfig = mesh_lib.MeshConfig()
   data: DataConfig = DataConfig()
+  checkpoint: ckpt_lib.CheckpointConfig = ckpt_lib.CheckpointConfig()
   seed: int = 0
+
+  def fingerprint(self) -> dict:
+    """What a resumed run must share with the run that wrote the checkpoint (not steps or mesh)."""
+    t = self.train
+    return ckpt_lib.fingerprint(model=self.model, data=self.data, seed=self.seed, batch_size=t.batch_size,
+                                seq_len=t.seq_len, optim=t.optim, z_loss=t.z_loss)
 
 
 def param_shardings(mesh, abstract_state: nnx.State):
@@ -112,6 +119,14 @@ class Trainer:
       self.eval_fn = jax.jit(step_lib.make_eval_step(graphdef), in_shardings=(state_sh, batch_sh),
                              out_shardings=replicated)
     self.params_total = count_params(self.state["params"])
+    self.start_step, self.ckpt = 0, None
+    if workdir:
+      self.ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), exp.checkpoint, exp.fingerprint())
+      abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
+      restored = self.ckpt.restore_latest(abstract)
+      if restored is not None:
+        self.state, meta = restored
+        self.start_step = int(meta["data"]["next_step"])
 
   def batch(self, source: ByteBatches, step: int) -> dict[str, jax.Array]:
     """The global batch of ``step``; this process computes only the rows its devices hold."""
@@ -136,35 +151,49 @@ class Trainer:
 
   def run(self) -> dict[str, Any]:
     t, lead = self.exp.train, jax.process_index() == 0
-    log = _Writer(self.workdir if lead else None)
+    log = _Writer(self.workdir if lead else None, self.start_step)
     head = self.summary_header()
     if lead:
       print("pmem: " + ", ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}" for k, v in head.items()),
             flush=True)
-    bar = _progress(t.steps, lead and t.progress)
+      if self.start_step:
+        print(f"pmem: resumed from the step-{self.start_step} checkpoint in {self.ckpt.directory}", flush=True)
+    bar = _progress(t.steps, self.start_step, lead and t.progress)
     tokens = t.batch_size * t.seq_len
-    last_t, last_step, steady = time.perf_counter(), 0, []
-    metrics = None
-    with jax.set_mesh(self.mesh):
-      for s in range(t.steps):
-        self.state, metrics = self.step_fn(self.state, self.batch(self.data, s))
-        if (s + 1) % t.log_every == 0 or s + 1 == t.steps:
-          m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          now = time.perf_counter()
-          m["tokens_per_s"] = tokens * (s + 1 - last_step) / (now - last_t)
-          if last_step > 0:  # exclude the compiling first interval
-            steady.append(m["tokens_per_s"])
-          last_t, last_step = now, s + 1
-          if not math.isfinite(m["loss"]):
-            raise FloatingPointError(f"loss is {m['loss']} at step {s + 1}; stopping (lower train.optim.lr "
-                                     "or enable clipping)")
-          log.metrics({"step": s + 1, **m})
-          bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
-        bar.update(1)
-      bar.close()
-      valid = self.evaluate(t.eval_batches) if t.eval_batches else None
-    summary = {**head, "final_loss": m["loss"], "valid_loss": valid, "steps": t.steps,
-               "tokens_per_s": float(np.median(steady)) if steady else m["tokens_per_s"]}
+    last_t, last_step, steady = time.perf_counter(), self.start_step, []
+    try:
+      with jax.set_mesh(self.mesh):
+        for s in range(self.start_step, t.steps):
+          self.state, metrics = self.step_fn(self.state, self.batch(self.data, s))
+          step = s + 1
+          log_now = step % t.log_every == 0 or step == t.steps
+          save_now = self.ckpt is not None and self.ckpt.should_save(step, t.steps)
+          if log_now or save_now:
+            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            # before saving, so the newest checkpoint is always a good one; the loss is that of the
+            # parameters entering this step, param_norm that of the parameters it produced
+            bad = [k for k in ("loss", "param_norm") if not math.isfinite(m[k])]
+            if bad:
+              raise FloatingPointError(f"{bad[0]} is {m[bad[0]]} at step {step}; stopping (lower train.optim.lr "
+                                       "or enable clipping); the last good checkpoint is kept")
+          if log_now:
+            now = time.perf_counter()
+            m["tokens_per_s"] = tokens * (step - last_step) / (now - last_t)
+            if last_step > self.start_step:  # exclude the compiling first interval
+              steady.append(m["tokens_per_s"])
+            last_t, last_step = now, step
+            log.metrics({"step": step, **m})
+            bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
+          if save_now:
+            self.ckpt.save(step, self.state, {"data": {"next_step": step}})
+          bar.update(1)
+        bar.close()
+        valid = self.evaluate(t.eval_batches) if t.eval_batches else None
+    finally:
+      if self.ckpt is not None:
+        self.ckpt.close()
+    summary = {**head, "final_loss": log.last_loss, "valid_loss": valid, "steps": t.steps,
+               "tokens_per_s": float(np.median(steady)) if steady else None}
     log.summary(summary)
     if lead:
       print("pmem: " + json.dumps({k: summary[k] for k in ("final_loss", "valid_loss", "tokens_per_s")}), flush=True)
@@ -191,15 +220,25 @@ def _abstract(init):
 
 
 class _Writer:
-  """metrics.jsonl and summary.json, written by process 0 only."""
+  """metrics.jsonl (appended to on resume, dropping rows past the restored step) and summary.json;
+  written by process 0 only."""
 
-  def __init__(self, workdir: str | None):
-    self.workdir = workdir
-    if workdir:
-      os.makedirs(workdir, exist_ok=True)
-      self.f = open(os.path.join(workdir, "metrics.jsonl"), "w")
+  def __init__(self, workdir: str | None, start_step: int):
+    self.workdir, self.last_loss = workdir, None
+    if not workdir:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "metrics.jsonl")
+    rows = []
+    if start_step and os.path.exists(path):
+      rows = [r for r in map(json.loads, open(path).read().splitlines()) if r["step"] <= start_step]
+      self.last_loss = rows[-1]["loss"] if rows else None
+    self.f = open(path, "w")
+    for r in rows:
+      self.f.write(json.dumps(r) + "\n")
 
   def metrics(self, m: dict) -> None:
+    self.last_loss = m["loss"]
     if self.workdir:
       self.f.write(json.dumps(m) + "\n")
       self.f.flush()
@@ -211,6 +250,6 @@ class _Writer:
         json.dump(s, f, indent=2)
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, initial: int, enabled: bool):
   from tqdm.auto import tqdm
-  return tqdm(total=total, disable=not enabled, unit="step", dynamic_ncols=True)
+  return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)

@@ -40,7 +40,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     updates, opt = tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": loss, "ce": aux["ce"], "z": aux["z"], "grad_norm": optax.tree.norm(grads),
-               "learning_rate": lr(state["step"])}
+               "learning_rate": lr(state["step"]), "param_norm": optax.tree.norm(params)}
     return {"params": params, "rest": state["rest"], "opt": opt, "step": state["step"] + 1}, metrics
 
   return step
