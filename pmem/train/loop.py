@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -160,11 +161,14 @@ class Trainer:
         print(f"pmem: resumed from the step-{self.start_step} checkpoint in {self.ckpt.directory}", flush=True)
     bar = _progress(t.steps, self.start_step, lead and t.progress)
     tokens = t.batch_size * t.seq_len
-    last_t, last_step, steady = time.perf_counter(), self.start_step, []
+    last_t, last_step, steady, data_s, data_total = time.perf_counter(), self.start_step, [], 0.0, 0.0
     try:
       with jax.set_mesh(self.mesh):
         for s in range(self.start_step, t.steps):
-          self.state, metrics = self.step_fn(self.state, self.batch(self.data, s))
+          t_data = time.perf_counter()
+          batch = self.batch(self.data, s)
+          data_s += time.perf_counter() - t_data
+          self.state, metrics = self.step_fn(self.state, batch)
           step = s + 1
           log_now = step % t.log_every == 0 or step == t.steps
           save_now = self.ckpt is not None and self.ckpt.should_save(step, t.steps)
@@ -179,6 +183,8 @@ class Trainer:
           if log_now:
             now = time.perf_counter()
             m["tokens_per_s"] = tokens * (step - last_step) / (now - last_t)
+            m["data_fraction"] = data_s / (now - last_t)  # host time building batches / wall time
+            data_total, data_s = data_total + data_s, 0.0
             if last_step > self.start_step:  # exclude the compiling first interval
               steady.append(m["tokens_per_s"])
             last_t, last_step = now, step
@@ -193,7 +199,7 @@ class Trainer:
       if self.ckpt is not None:
         self.ckpt.close()
     summary = {**head, "final_loss": log.last_loss, "valid_loss": valid, "steps": t.steps,
-               "tokens_per_s": float(np.median(steady)) if steady else None}
+               "tokens_per_s": float(np.median(steady)) if steady else None, "data_seconds": data_total}
     log.summary(summary)
     if lead:
       print("pmem: " + json.dumps({k: summary[k] for k in ("final_loss", "valid_loss", "tokens_per_s")}), flush=True)
@@ -251,5 +257,26 @@ class _Writer:
 
 
 def _progress(total: int, initial: int, enabled: bool):
+  """A tqdm bar on a terminal; plain lines (one per logged step) when stderr is a file or pipe."""
+  if enabled and not sys.stderr.isatty():
+    return _Lines(total, initial)
   from tqdm.auto import tqdm
   return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+
+
+class _Lines:
+
+  def __init__(self, total: int, initial: int):
+    self.total, self.n, self.start, self.t0 = total, initial, initial, time.perf_counter()
+
+  def update(self, n: int) -> None:
+    self.n += n
+
+  def set_postfix(self, **kw) -> None:
+    done = self.n + 1 - self.start  # called before update() for this step
+    eta = (time.perf_counter() - self.t0) / max(done, 1) * (self.total - self.n - 1)
+    fields = " ".join(f"{k}={v}" for k, v in kw.items())
+    print(f"step {self.n + 1}/{self.total} {fields} eta={eta:.0f}s", file=sys.stderr, flush=True)
+
+  def close(self) -> None:
+    pass
