@@ -21,7 +21,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from pmem.core import accounting
-from pmem.core.registry import CHANNEL_MIXERS, SEQUENCE_MIXERS
+from pmem.core.registry import CHANNEL_MIXERS, SEQUENCE_MIXERS, unknown
 from pmem.core.rules import constrain
 from pmem.layers.embed import Embed
 from pmem.layers.init import fan_in_normal
@@ -130,7 +130,9 @@ class Stage(nnx.Module):
 
   def __init__(self, cfg: DecoderConfig, spec, n: int, *, rngs: nnx.Rngs):
     self.n, self.scan = n, cfg.scan_layers and n > 1
-    self.policy = REMAT_POLICIES[cfg.remat] if cfg.remat in REMAT_POLICIES else _bad_remat(cfg.remat)
+    if cfg.remat not in REMAT_POLICIES:
+      raise unknown("remat policy", cfg.remat, REMAT_POLICIES)
+    self.policy = REMAT_POLICIES[cfg.remat]
     self.remat = cfg.remat != "none"
     if self.scan:
       make = nnx.vmap(lambda r: Block(cfg, spec, rngs=r), in_axes=0, out_axes=0)
@@ -154,11 +156,6 @@ class Stage(nnx.Module):
   def cost(self, seq_len: int) -> accounting.Cost:
     block = self.blocks if self.scan else self.blocks[0]  # costs depend on static sizes only
     return block.cost(seq_len) * self.n
-
-
-def _bad_remat(name: str):
-  from pmem.core.registry import unknown
-  raise unknown("remat policy", name, REMAT_POLICIES)
 
 
 class Decoder(nnx.Module):
