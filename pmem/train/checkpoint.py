@@ -29,8 +29,8 @@ class CheckpointConfig:
   async_save: bool = True
 
 
-class IncompatibleCheckpoint(ValueError):
-  pass
+class CheckpointError(ValueError):
+  """A workdir's checkpoints cannot be resumed: another config wrote them, or none is readable."""
 
 
 def _canon(x) -> Any:
@@ -96,7 +96,7 @@ class Checkpointer:
         continue
       diffs = _diff(meta.get("fingerprint", {}), self.fingerprint)
       if diffs:
-        raise IncompatibleCheckpoint(f"{self.directory} holds checkpoints of another config; refusing to "
+        raise CheckpointError(f"{self.directory} holds checkpoints of another config; refusing to "
                                      f"resume ({'; '.join(diffs[:3])}{'; ...' if len(diffs) > 3 else ''}); "
                                      "use a new --workdir")
       try:
@@ -110,7 +110,7 @@ class Checkpointer:
         continue
       return state, meta
     if steps:
-      raise IncompatibleCheckpoint(f"no readable checkpoint among steps {sorted(steps)} in {self.directory}")
+      raise CheckpointError(f"no readable checkpoint among steps {sorted(steps)} in {self.directory}")
     return None
 
   def close(self) -> None:
