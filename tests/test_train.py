@@ -34,7 +34,7 @@ class TokenTable(nnx.Module):
 
 def trainer(*sets, steps=3) -> Trainer:
   cfg = cli.build_config(["config:tiny", f"set:train.steps={steps}", "set:train.progress=False",
-                          "set:train.eval_batches=0", *sets])
+                          "set:eval.valid_batches=0", *sets])
   exp = fdl.build(cfg)
   over = LayerOverride(layers=(1,), augment=(functools.partial(TokenTable),))
   return Trainer(dataclasses.replace(exp, model=dataclasses.replace(exp.model, overrides=(over,))))

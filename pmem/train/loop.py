@@ -8,6 +8,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -18,9 +19,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pmem.core import accounting, mesh as mesh_lib, rules
 from pmem.core.variables import is_variable
-from pmem.data.text import ByteBatches, DataConfig
+from pmem.data.pipeline import FIELDS, DataConfig, Pipeline
 from pmem.models.decoder import Decoder, DecoderConfig
 from pmem.train import checkpoint as ckpt_lib, optim, step as step_lib
+from pmem.train.evaluate import EvalConfig, Evaluator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +31,6 @@ class TrainConfig:
   batch_size: int = 16
   seq_len: int = 128
   log_every: int = 1
-  eval_batches: int = 2
   z_loss: float = 0.0
   optim: optim.OptimConfig = optim.OptimConfig()
   progress: bool = True
@@ -42,6 +43,7 @@ class Experiment:
   mesh: mesh_lib.MeshConfig = mesh_lib.MeshConfig()
   data: DataConfig = DataConfig()
   checkpoint: ckpt_lib.CheckpointConfig = ckpt_lib.CheckpointConfig()
+  eval: EvalConfig = EvalConfig()
   seed: int = 0
 
   def fingerprint(self) -> dict:
@@ -90,9 +92,9 @@ class Trainer:
     n_batch = exp.mesh.data * exp.mesh.fsdp
     if t.batch_size % n_batch:
       raise ValueError(f"train.batch_size={t.batch_size} must be divisible by mesh.data*mesh.fsdp={n_batch}")
-    self.data = ByteBatches(exp.data, t.seq_len, exp.seed)
+    self.data = Pipeline(exp.data, t.seq_len, t.batch_size, exp.seed)
     if self.data.vocab > exp.model.vocab:
-      raise ValueError(f"the {exp.data.corpus!r} corpus has ids up to {self.data.vocab - 1} but "
+      raise ValueError(f"the data has ids up to {self.data.vocab - 1} (tokenizer/task vocabulary) but "
                        f"model.vocab={exp.model.vocab}")
     self.tx, self.lr = optim.build(t.optim, t.steps)
     self.batch_sharding = NamedSharding(self.mesh, rules.logical_to_spec(("batch", "length")))
@@ -113,12 +115,17 @@ class Trainer:
       self.state = {"params": params, "rest": rest, "opt": opt,
                     "step": jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(self.mesh, P()))}
       state_sh = jax.tree.map(lambda x: x.sharding, self.state)
-      batch_sh = {k: self.batch_sharding for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
+      batch_sh = {k: self.batch_sharding for k in FIELDS}
       self.step_fn = jax.jit(step_lib.make_train_step(graphdef, self.tx, self.lr, t.z_loss),
                              in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
                              donate_argnums=0)
-      self.eval_fn = jax.jit(step_lib.make_eval_step(graphdef), in_shardings=(state_sh, batch_sh),
-                             out_shardings=replicated)
+      self.score_fn = jax.jit(step_lib.make_score_step(graphdef), in_shardings=(state_sh, batch_sh),
+                              out_shardings=replicated)
+    shape = (t.batch_size, t.seq_len)
+    index = self.batch_sharding.addressable_devices_indices_map(shape)
+    self.rows = sorted({r for idx in index.values() for r in range(*idx[0].indices(shape[0]))})
+    self.it = self.data.iterator(self.rows, t.steps)
+    self.evaluator = Evaluator(exp.eval, self.data, self.score)
     self.params_total = count_params(self.state["params"])
     self.start_step, self.ckpt = 0, None
     if workdir:
@@ -128,20 +135,33 @@ class Trainer:
       if restored is not None:
         self.state, meta = restored
         self.start_step = int(meta["data"]["next_step"])
+        self.it.set_state(meta["data"]["iterator"])
 
-  def batch(self, source: ByteBatches, step: int) -> dict[str, jax.Array]:
-    """The global batch of ``step``; this process computes only the rows its devices hold."""
+  def to_device(self, local: dict[str, np.ndarray], rows: Sequence[int]) -> dict[str, jax.Array]:
+    """The global batch from this process's rows ``rows`` of it; ids are checked here because XLA
+    gathers clamp out-of-range ids silently."""
     shape = (self.exp.train.batch_size, self.exp.train.seq_len)
-    index = self.batch_sharding.addressable_devices_indices_map(shape)
-    rows = sorted({r for idx in index.values() for r in range(*idx[0].indices(shape[0]))})
-    local = source.rows(step, rows)
-    if local["inputs"].min() < 0 or local["inputs"].max() >= self.exp.model.vocab:
-      raise ValueError(f"batch {step} has token ids outside [0, {self.exp.model.vocab})")
+    lo, hi = int(local["inputs"].min()), int(local["inputs"].max())
+    if lo < 0 or hi >= self.exp.model.vocab:
+      raise ValueError(f"batch has token ids in [{lo}, {hi}], outside [0, model.vocab={self.exp.model.vocab})")
     where = {r: i for i, r in enumerate(rows)}
     def array(x):
       pick = lambda idx: x[[where[r] for r in range(*idx[0].indices(shape[0]))]][:, idx[1]]
       return jax.make_array_from_callback(shape, self.batch_sharding, pick)
-    return {k: array(v) for k, v in local.items()}
+    return {k: array(local[k]) for k in FIELDS}
+
+  def score(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-position nll / correct of a global batch held in full by every process."""
+    with jax.set_mesh(self.mesh):
+      out = self.score_fn(self.state, self.to_device(batch, range(self.exp.train.batch_size)))
+    return jax.device_get(out)
+
+  def evaluate(self) -> dict[str, float]:
+    out = self.evaluator.run()
+    if "bios/knowledge_bits" in out:  # Physics of LMs 3.3 capacity ratio, over all and active params
+      out["bios/bits_per_param"] = out["bios/knowledge_bits"] / self.params_total
+      out["bios/bits_per_active_param"] = out["bios/knowledge_bits"] / max(self.cost.active_params, 1)
+    return out
 
   def summary_header(self) -> dict[str, Any]:
     c = self.cost
@@ -151,7 +171,7 @@ class Trainer:
             "processes": jax.process_count(), "mesh": dataclasses.asdict(self.exp.mesh)}
 
   def run(self) -> dict[str, Any]:
-    t, lead = self.exp.train, jax.process_index() == 0
+    t, lead, ev = self.exp.train, jax.process_index() == 0, self.exp.eval
     log = _Writer(self.workdir if lead else None, self.start_step)
     head = self.summary_header()
     if lead:
@@ -162,11 +182,12 @@ class Trainer:
     bar = _progress(t.steps, self.start_step, lead and t.progress)
     tokens = t.batch_size * t.seq_len
     last_t, last_step, steady, data_s, data_total = time.perf_counter(), self.start_step, [], 0.0, 0.0
+    results: dict[str, float] = {}
     try:
       with jax.set_mesh(self.mesh):
         for s in range(self.start_step, t.steps):
           t_data = time.perf_counter()
-          batch = self.batch(self.data, s)
+          batch = self.to_device(next(self.it), self.rows)
           data_s += time.perf_counter() - t_data
           self.state, metrics = self.step_fn(self.state, batch)
           step = s + 1
@@ -183,7 +204,7 @@ class Trainer:
           if log_now:
             now = time.perf_counter()
             m["tokens_per_s"] = tokens * (step - last_step) / (now - last_t)
-            m["data_fraction"] = data_s / (now - last_t)  # host time building batches / wall time
+            m["data_fraction"] = data_s / (now - last_t)  # time waiting for batches / wall time
             data_total, data_s = data_total + data_s, 0.0
             if last_step > self.start_step:  # exclude the compiling first interval
               steady.append(m["tokens_per_s"])
@@ -191,27 +212,26 @@ class Trainer:
             log.metrics({"step": step, **m})
             bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
           if save_now:
-            self.ckpt.save(step, self.state, {"data": {"next_step": step}})
+            self.ckpt.save(step, self.state, {"data": {"next_step": step, "iterator": self.it.get_state()}})
+          if step == t.steps or (ev.every and step % ev.every == 0):
+            results = self.evaluate()
+            if results:
+              log.metrics({"step": step, **results})
+            last_t = time.perf_counter()  # evaluation time is not training throughput
           bar.update(1)
         bar.close()
-        valid = self.evaluate(t.eval_batches) if t.eval_batches else None
     finally:
       if self.ckpt is not None:
         self.ckpt.close()
-    summary = {**head, "final_loss": log.last_loss, "valid_loss": valid, "steps": t.steps,
-               "tokens_per_s": float(np.median(steady)) if steady else None, "data_seconds": data_total}
+    summary = {**head, "final_loss": log.last_loss, "steps": t.steps,
+               "tokens_per_s": float(np.median(steady)) if steady else None, "data_seconds": data_total,
+               "eval": results}
     log.summary(summary)
     if lead:
-      print("pmem: " + json.dumps({k: summary[k] for k in ("final_loss", "valid_loss", "tokens_per_s")}), flush=True)
+      brief = {k: v for k, v in results.items() if k.count("/") == 1}
+      print("pmem: " + json.dumps({"final_loss": summary["final_loss"], "tokens_per_s": summary["tokens_per_s"],
+                                   **brief}), flush=True)
     return summary
-
-  def evaluate(self, n_batches: int) -> float:
-    source = ByteBatches(dataclasses.replace(self.exp.data, split="valid"), self.exp.train.seq_len, self.exp.seed)
-    tot = ntok = 0.0
-    for b in range(n_batches):
-      out = jax.device_get(self.eval_fn(self.state, self.batch(source, b)))
-      tot, ntok = tot + float(out["ce_sum"]), ntok + float(out["tokens"])
-    return tot / max(ntok, 1.0)
 
 
 def _abstract(init):
@@ -226,8 +246,8 @@ def _abstract(init):
 
 
 class _Writer:
-  """metrics.jsonl (appended to on resume, dropping rows past the restored step) and summary.json;
-  written by process 0 only."""
+  """metrics.jsonl (appended to on resume, dropping rows past the restored step), TensorBoard
+  scalars under ``tb/`` and summary.json; written by process 0 only."""
 
   def __init__(self, workdir: str | None, start_step: int):
     self.workdir, self.last_loss = workdir, None
@@ -238,20 +258,28 @@ class _Writer:
     rows = []
     if start_step and os.path.exists(path):
       rows = [r for r in map(json.loads, open(path).read().splitlines()) if r["step"] <= start_step]
-      self.last_loss = rows[-1]["loss"] if rows else None
+      self.last_loss = next((r["loss"] for r in reversed(rows) if "loss" in r), None)
     self.f = open(path, "w")
     for r in rows:
       self.f.write(json.dumps(r) + "\n")
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter  # TF-free writer
+    self.tb = EventFileWriter(os.path.join(workdir, "tb"))
 
   def metrics(self, m: dict) -> None:
-    self.last_loss = m["loss"]
+    self.last_loss = m.get("loss", self.last_loss)
     if self.workdir:
       self.f.write(json.dumps(m) + "\n")
       self.f.flush()
+      from tensorboard.compat.proto import event_pb2, summary_pb2
+      values = [summary_pb2.Summary.Value(tag=k if "/" in k else f"train/{k}", simple_value=v)
+                for k, v in m.items() if k != "step"]
+      self.tb.add_event(event_pb2.Event(wall_time=time.time(), step=m["step"], summary=summary_pb2.Summary(value=values)))
+      self.tb.flush()
 
   def summary(self, s: dict) -> None:
     if self.workdir:
       self.f.close()
+      self.tb.close()
       with open(os.path.join(self.workdir, "summary.json"), "w") as f:
         json.dump(s, f, indent=2)
 

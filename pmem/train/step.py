@@ -46,8 +46,16 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   return step
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
-  def evaluate(state, batch):
-    _, aux = forward_loss(graphdef, state["params"], state["rest"], batch, 0.0)
-    return {"ce_sum": aux["ce"] * aux["tokens"], "tokens": aux["tokens"]}
-  return evaluate
+def make_score_step(graphdef: nnx.GraphDef) -> Callable:
+  """``score(state, batch) -> {nll, correct}``: per-position cross-entropy (nats) of the target and
+  whether it is the argmax; the evaluator reduces them over loss masks or answer spans."""
+
+  def score(state, batch):
+    model = nnx.merge(graphdef, state["params"], state["rest"])
+    ctx = TokenContext(batch["inputs"], batch["positions"], batch["segment_ids"])
+    logits = model(batch["inputs"], ctx).astype(jnp.float32)
+    target = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+    return {"nll": jax.nn.logsumexp(logits, axis=-1) - target,
+            "correct": jnp.argmax(logits, axis=-1) == batch["targets"]}
+
+  return score

@@ -1,0 +1,98 @@
+"""Evaluation: held-out text (loss, perplexity, bits per byte) and the generated tasks' probes.
+
+Everything reduces the per-position ``nll`` / ``correct`` of :func:`pmem.train.step.make_score_step`:
+text metrics over loss masks, task probes over answer spans (a probe row is context + answer,
+only the answer tokens in the mask; an answer is *correct* when every token is the argmax, which is
+what greedy decoding would reproduce).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from pmem.data import pipeline as pipe
+from pmem.data.tasks import AnswerScore, EvalItem
+
+Score = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]  # global [B, T] batch -> nll, correct
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  every: int = 0  # steps between evaluations during training; 0 = only after the last step
+  valid_batches: int | None = 8  # batches of held-out text; None = the whole valid split, 0 = none
+  bios_people: int | None = 1000  # people probed per template set; None = all
+  mqar_examples: int | None = None  # test examples; None = mqar.n_test
+
+
+class Evaluator:
+
+  def __init__(self, cfg: EvalConfig, data: pipe.Pipeline, score: Score):
+    self.cfg, self.data, self.score = cfg, data, score
+    self._valid = None
+
+  def _batches(self, fields: dict[str, np.ndarray]):
+    """Score rows in batches of the train batch size, padding the last with masked-out rows."""
+    n, b = len(fields["inputs"]), self.data.b
+    for lo in range(0, n, b):
+      part = {k: v[lo:lo + b] for k, v in fields.items()}
+      m = len(part["inputs"])
+      if m < b:
+        part = {k: np.concatenate([v, np.zeros((b - m, *v.shape[1:]), v.dtype)]) for k, v in part.items()}
+      out = self.score(part)
+      yield part, {k: v[:m] for k, v in out.items()}, m
+
+  def text(self) -> dict[str, float]:
+    """Loss (nats/token), perplexity and bits per byte on the corpus's held-out documents."""
+    if self._valid is None:
+      self._valid = self.data.valid_windows()
+    w, b = self._valid, self.data.b
+    n = len(w) if self.cfg.valid_batches is None else min(len(w), self.cfg.valid_batches * b)
+    nll = tokens = nbytes = 0.0
+    width = self.data.tokenizer.token_bytes
+    for lo in range(0, n, b):
+      fields = w.rows(range(lo, min(lo + b, n)))
+      for part, out, m in self._batches(fields):
+        mask = part["loss_mask"][:m] > 0
+        nll += float(out["nll"][mask].sum())
+        tokens += float(mask.sum())
+        nbytes += float(width[part["targets"][:m][mask]].sum())
+    loss = nll / max(tokens, 1.0)
+    return {"valid/loss": loss, "valid/ppl": math.exp(min(loss, 700.0)),
+            "valid/bpb": nll / math.log(2) / max(nbytes, 1.0), "valid/tokens": tokens}
+
+  def answers(self, items: Sequence[EvalItem]) -> list[AnswerScore]:
+    """Teacher-forced answer scores of context -> answer probes."""
+    docs = pipe.encode_segments(self.data.tokenizer, [[(it.context, False), (it.answer, True)] for it in items])
+    return [AnswerScore(nats=float(nll.sum()), correct=bool(hit.all()), tokens=len(hit))
+            for nll, hit in self._spans(docs, f"{len(items)} probes")]
+
+  def _spans(self, docs: Sequence[pipe.Doc], name: str):
+    """(nll, correct) over each document's masked targets, one document per row."""
+    fields = pipe.window_fields(*pipe.pad_rows(docs, self.data.t + 1, name))
+    for part, out, m in self._batches(fields):
+      for i in range(m):
+        sel = part["loss_mask"][i] > 0
+        yield out["nll"][i][sel], out["correct"][i][sel]
+
+  def run(self) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if self.data.cfg.corpus is not None and self.cfg.valid_batches != 0:
+      out.update(self.text())
+    tasks = self.data.tasks
+    if "bios" in tasks:
+      items = [it for t in ("seen", "heldout") for it in tasks["bios"].eval_items(t, self.cfg.bios_people)]
+      out.update(tasks["bios"].report(items, self.answers(items)))
+    if "passkey" in tasks:
+      items = tasks["passkey"].eval_items()
+      out.update(tasks["passkey"].report(items, self.answers(items)))
+    if "mqar" in tasks:
+      m = tasks["mqar"]
+      n = m.cfg.n_test if self.cfg.mqar_examples is None else self.cfg.mqar_examples
+      ex = [m.example("test", i) for i in range(n)]
+      hits = [hit for _, hit in self._spans([(x["tokens"], x["mask"]) for x in ex], "mqar")]
+      out.update(m.report(int(sum(h.sum() for h in hits)), int(sum(len(h) for h in hits))))
+    return out
