@@ -20,14 +20,15 @@ def _task_only(cfg: fdl.Config, **task) -> fdl.Config:
   return cfg
 
 
-@config("bios_small", "bioS biographies of 500 people, BPE-2048 fitted to them, 4-layer d=128 model; "
-                      "reports per-attribute accuracy and knowledge bits per parameter")
+@config("bios_small", "bioS biographies of 400 people (~100 exposures each), BPE-2048 fitted to them, "
+                      "2-layer d=128 model; reports per-attribute accuracy and knowledge bits per parameter")
 def bios_small() -> fdl.Config:
-  cfg = experiment(vocab=2048, d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, d_ff=512, steps=1500,
-                   batch_size=32, seq_len=128, lr=3e-3)
+  cfg = experiment(vocab=2048, d_model=128, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=512, steps=1500,
+                   batch_size=16, seq_len=128, lr=3e-3)
   cfg.data.tokenizer.kind, cfg.data.tokenizer.vocab_size = "bpe", 2048
   cfg.eval.bios_people = None
-  return _task_only(cfg, bios=fdl.Config(BiosConfig, n_people=500))
+  cfg.eval.every = 500
+  return _task_only(cfg, bios=fdl.Config(BiosConfig, n_people=400))
 
 
 @config("mqar_small", "Zoology MQAR (V=512, T=64, 4 key-value pairs), 2-layer d=64 attention model")

@@ -1,6 +1,7 @@
 """Checkpoints: SIGKILL + resume is bitwise, corrupted checkpoints fall back, incompatible
 configs refuse, NaN keeps the last good checkpoint, restore onto another mesh."""
 
+import errno
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import pytest
 
 from configs import cli
 from conftest import ROOT, read_losses, run_launcher
+from pmem.train.checkpoint import CheckpointError
 from pmem.train.loop import Trainer
 
 STEPS = 30
@@ -73,6 +75,28 @@ def test_corrupted_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
     t = trainer(tmp_path, "set:train.steps=6", "set:checkpoint.every=2")
   assert t.start_step == 4
   assert "checkpoint 6" in caplog.text and "falling back to step 4" in caplog.text
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+  sets = ("set:train.steps=6", "set:checkpoint.every=2", "set:checkpoint.async_save=False")
+  t = trainer(tmp_path, *sets)
+  save = t.ckpt.manager.save
+
+  def disk_full(step, *a, **k):
+    if step == 4:  # a half-written temporary directory, then the device fills up
+      partial = tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp-1"
+      (partial / "state").mkdir(parents=True)
+      (partial / "state" / "junk").write_bytes(b"\0" * 100)
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return save(step, *a, **k)
+
+  monkeypatch.setattr(t.ckpt.manager, "save", disk_full)
+  with pytest.raises(CheckpointError, match=r"saving step 4 .* No space left on device.* checkpoints \[2\] are kept"):
+    t.run()
+  resumed = trainer(tmp_path, *sets)
+  assert resumed.start_step == 2
+  resumed.run()
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "4", "6"]
 
 
 def test_incompatible_config_refuses_to_resume(tmp_path):

@@ -9,6 +9,7 @@ cut short is never restored. Restoring walks back from the newest step past unre
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -30,7 +31,8 @@ class CheckpointConfig:
 
 
 class CheckpointError(ValueError):
-  """A workdir's checkpoints cannot be resumed: another config wrote them, or none is readable."""
+  """A workdir's checkpoints cannot be resumed (another config wrote them, none is readable) or a
+  save failed."""
 
 
 def _canon(x) -> Any:
@@ -81,9 +83,22 @@ class Checkpointer:
     return step == last or (self.cfg.every > 0 and step % self.cfg.every == 0)
 
   def save(self, step: int, state, meta: dict) -> None:
+    """Starts saving ``step``; a failed write (disk full, permissions) raises :class:`CheckpointError`
+    and leaves the committed checkpoints as they were (Orbax commits by renaming a finished
+    temporary directory; leftovers are removed when the directory is next opened)."""
     meta = {**meta, "step": step, "fingerprint": self.fingerprint}
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(meta)), force=True)
+    with self._failure(f"saving step {step}"):
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      meta=ocp.args.JsonSave(meta)), force=True)
+
+  @contextlib.contextmanager
+  def _failure(self, what: str):
+    try:
+      yield
+    except OSError as e:
+      kept = self.manager.all_steps()
+      raise CheckpointError(f"{what} to {self.directory} failed ({e}); the committed checkpoints "
+                            f"{sorted(kept)} are kept") from e
 
   def restore_latest(self, abstract_state) -> tuple[Any, dict] | None:
     """(state, meta) of the newest readable compatible checkpoint, or None if there is none."""
@@ -114,5 +129,6 @@ class Checkpointer:
     return None
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    with self._failure("finishing an asynchronous save"):
+      self.manager.wait_until_finished()
     self.manager.close()
