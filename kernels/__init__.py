@@ -1,3 +1,11 @@
-"""Standalone ops (embedding gather/bag, fused residual-add + RMSNorm), each with an XLA
-reference, a custom_vjp and Pallas/Triton implementations behind ``implementation=``.
-Imports nothing from ``pmem``. The ops land with issue [K1]; see WORKSPACE.md, kernel matrix."""
+"""Standalone ops (embedding gather/bag, fused residual-add + RMSNorm), each with an XLA reference,
+a custom_vjp and Pallas/Triton implementations behind ``implementation=``; see README.md.
+Imports nothing from ``pmem``."""
+
+from kernels.common import AUTO, IMPLEMENTATIONS, Unavailable
+from kernels.embedding import (CompactGrad, embedding_bag, embedding_bag_compact_vjp, embedding_gather,
+                               embedding_gather_compact_vjp)
+from kernels.rmsnorm import fused_add_rmsnorm
+
+__all__ = ["AUTO", "IMPLEMENTATIONS", "CompactGrad", "Unavailable", "embedding_bag", "embedding_bag_compact_vjp",
+           "embedding_gather", "embedding_gather_compact_vjp", "fused_add_rmsnorm"]

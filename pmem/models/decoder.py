@@ -53,6 +53,7 @@ class DecoderConfig:
   scan_layers: bool = True
   remat: str = "none"
   dtype: str = "float32"
+  kernel_impl: str = "xla"  # residual add + RMSNorm: kernels.IMPLEMENTATIONS ("xla", "pallas", "auto", ...)
 
 
 REMAT_POLICIES: dict[str, Any] = {
@@ -102,22 +103,24 @@ class Block(nnx.Module):
     seq, ch, aug = spec
     d = cfg.d_model
     out_scale = (2 * cfg.n_layers) ** -0.5
-    self.norm_seq = RMSNorm(d, cfg.norm_eps)
+    norm = functools.partial(RMSNorm, d, cfg.norm_eps, implementation=cfg.kernel_impl)
+    self.norm_seq = norm()
     self.seq = _resolve(seq, SEQUENCE_MIXERS)(d_model=d, out_scale=out_scale, dtype=cfg.dtype, rngs=rngs)
-    self.norm_aug = nnx.List([RMSNorm(d, cfg.norm_eps) for _ in aug])
+    self.norm_aug = nnx.List([norm() for _ in aug])
     self.aug = nnx.List([_resolve(a, CHANNEL_MIXERS)(d_model=d, dtype=cfg.dtype, rngs=rngs) for a in aug])
-    self.norm_ch = RMSNorm(d, cfg.norm_eps)
+    self.norm_ch = norm()
     self.ch = _resolve(ch, CHANNEL_MIXERS)(d_model=d, out_scale=out_scale, dtype=cfg.dtype, rngs=rngs)
 
   def __call__(self, x: Float[Array, "B T D"], ctx: TokenContext) -> Float[Array, "B T D"]:
-    def residual(x, mixer, norm):
-      y = mixer(norm(x), ctx)
+    norms, mixers = [self.norm_seq, *self.norm_aug, self.norm_ch], [self.seq, *self.aug, self.ch]
+    h = norms[0](x)
+    for i, mixer in enumerate(mixers):
+      y = mixer(h, ctx)
       chex.assert_equal_shape([x, y])  # every mixer maps [B, T, D] -> [B, T, D]
-      return x + y.astype(x.dtype)
-    x = residual(x, self.seq, self.norm_seq)
-    for norm, branch in zip(self.norm_aug, self.aug):
-      x = residual(x, branch, norm)
-    x = residual(x, self.ch, self.norm_ch)
+      if i + 1 < len(mixers):  # the residual add fused with the next branch's norm
+        h, x = norms[i + 1].add_and_norm(y.astype(x.dtype), x)
+      else:
+        x = x + y.astype(x.dtype)
     return constrain(x, ("batch", "length", "embed"))
 
   def cost(self, seq_len: int) -> accounting.Cost:
