@@ -48,6 +48,7 @@ class Attention(nnx.Module):
     q = (x2 @ self.wq[...].astype(dt).reshape(d, n * h)).reshape(b, t, n, h)
     k = (x2 @ self.wk[...].astype(dt).reshape(d, nkv * h)).reshape(b, t, nkv, h)
     v = (x2 @ self.wv[...].astype(dt).reshape(d, nkv * h)).reshape(b, t, nkv, h)
+    v = self.mix_values(v, x.astype(dt), ctx)
     q = constrain(apply_rope(q, ctx.positions, self.rope_theta), ("batch", "length", "act_heads", None))
     k = constrain(apply_rope(k, ctx.positions, self.rope_theta), ("batch", "length", "act_kv_heads", None))
     v = constrain(v, ("batch", "length", "act_kv_heads", None))
@@ -55,6 +56,14 @@ class Attention(nnx.Module):
     o = constrain(o, ("batch", "length", "act_heads", None))
     y = o.reshape(b * t, n * h) @ self.wo[...].astype(dt).reshape(n * h, d)
     return constrain(y.reshape(b, t, d), ("batch", "length", "embed"))
+
+  def mix_values(self, v: Float[Array, "B T K H"], x: Float[Array, "B T D"],
+                 ctx: TokenContext) -> Float[Array, "B T K H"]:
+    """The values attention sees, from the value projection ``v`` (K = n_kv_heads) and the normed
+    input ``x``: the identity here; value-embedding mixers (``pmem.memory.move``: MoVE, LaVE)
+    override it."""
+    del x, ctx
+    return v
 
   def cost(self, seq_len: int) -> accounting.Cost:
     d, h, n, nkv = self.d_model, self.head_dim, self.n_heads, self.n_kv_heads

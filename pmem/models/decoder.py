@@ -54,6 +54,9 @@ class DecoderConfig:
   remat: str = "none"
   dtype: str = "float32"
   kernel_impl: str = "xla"  # residual add + RMSNorm: kernels.IMPLEMENTATIONS ("xla", "pallas", "auto", ...)
+  # modules computed once per forward from the token ids and handed to every layer as
+  # ``ctx.features[name]`` (e.g. MoVE's value bank shared across attention layers)
+  shared: tuple[tuple[str, Factory], ...] = ()
 
 
 REMAT_POLICIES: dict[str, Any] = {
@@ -168,6 +171,7 @@ class Decoder(nnx.Module):
     self.embed = Embed(cfg.vocab, cfg.d_model, rngs=rngs)
     specs = layer_specs(cfg)
     self.stages = nnx.List([Stage(cfg, specs[a], b - a, rngs=rngs) for a, b in stages(specs)])
+    self.shared = nnx.Dict({name: f(d_model=cfg.d_model, dtype=cfg.dtype, rngs=rngs) for name, f in cfg.shared})
     self.norm_out = RMSNorm(cfg.d_model, cfg.norm_eps)
     if not cfg.tie_embeddings:
       self.head = nnx.Param(fan_in_normal(rngs.params(), (cfg.d_model, cfg.vocab), cfg.d_model),
@@ -179,6 +183,8 @@ class Decoder(nnx.Module):
     chex.assert_type(ids, int)
     chex.assert_equal_shape([ids, ctx.positions, ctx.segment_ids])
     x = constrain(self.embed(ids), ("batch", "length", "embed"))
+    if self.cfg.shared:
+      ctx = dataclasses.replace(ctx, features={**ctx.features, **{n: m(ids, ctx) for n, m in self.shared.items()}})
     for stage in self.stages:
       x = stage(x, ctx)
     h = self.norm_out(x).astype(jnp.float32)
@@ -193,6 +199,7 @@ class Decoder(nnx.Module):
   def cost(self, seq_len: int) -> accounting.Cost:
     c = self.embed.cost(seq_len) + self.norm_out.cost(seq_len)
     c = c + sum((s.cost(seq_len) for s in self.stages), accounting.Cost())
+    c = c + sum((m.cost(seq_len) for m in self.shared.values()), accounting.Cost())
     head = accounting.dense(self.cfg.d_model, self.cfg.vocab)
     if self.cfg.tie_embeddings:  # the table is already counted as stored params
       head = dataclasses.replace(head, params=0)

@@ -21,7 +21,7 @@ from pmem.core import accounting, mesh as mesh_lib, rules
 from pmem.core.variables import is_variable
 from pmem.data.pipeline import FIELDS, DataConfig, Pipeline
 from pmem.models.decoder import Decoder, DecoderConfig
-from pmem.train import checkpoint as ckpt_lib, optim, step as step_lib
+from pmem.train import checkpoint as ckpt_lib, host_tables, optim, step as step_lib
 from pmem.train.evaluate import EvalConfig, Evaluator
 
 
@@ -108,33 +108,49 @@ class Trainer:
     with jax.set_mesh(self.mesh):
       graphdef, abs_params, abs_rest, self.cost = _abstract(init)
       self.graphdef = graphdef
+      # row-sparse tables past tables.device_budget_bytes live on the host (pmem.train.host_tables):
+      # placeholders in params, never materialized on the device
+      self.tx, self.host = host_tables.HostTables.create(self.tx, abs_params, lambda: init()[1],
+                                                         t.batch_size * t.seq_len)
+      self.params_total = count_params(abs_params)
+      on_device = self.host.placeholders if self.host else (lambda p: p)
+      abs_params = on_device(abs_params)
       p_sh, r_sh = param_shardings(self.mesh, abs_params), param_shardings(self.mesh, abs_rest)
-      params, rest = jax.jit(lambda: init()[1:3], out_shardings=(p_sh, r_sh))()
+      params, rest = jax.jit(lambda: (lambda _, p, r, __: (on_device(p), r))(*init()),  # (params, rest)
+                             out_shardings=(p_sh, r_sh))()
       replicated = NamedSharding(self.mesh, P())
-      opt_sh = shardings_like(jax.eval_shape(self.tx.init, abs_params), abs_params, p_sh, replicated)
+      abs_opt = jax.eval_shape(self.tx.init, abs_params)
+      opt_sh = self.tx.row_state_shardings(shardings_like(abs_opt, abs_params, p_sh, replicated), p_sh)
       opt = jax.jit(self.tx.init, out_shardings=opt_sh)(params)
+      self.sync_save = self.host is not None or bool(jax.tree.leaves(opt["rows"]))  # row-sparse / host tables
       self.state = {"params": params, "rest": rest, "opt": opt,
                     "step": jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(self.mesh, P()))}
       state_sh = jax.tree.map(lambda x: x.sharding, self.state)
-      batch_sh = {k: self.batch_sharding for k in FIELDS}
+      batch_sh = {k: self.batch_sharding for k in FIELDS} | ({"tables": replicated} if self.host else {})
       self.step_fn = jax.jit(step_lib.make_train_step(graphdef, self.tx, self.lr, t.z_loss),
-                             in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
+                             in_shardings=(state_sh, batch_sh),
+                             out_shardings=(state_sh, replicated) + ((replicated,) if self.host else ()),
                              donate_argnums=0)
-      self.score_fn = jax.jit(step_lib.make_score_step(graphdef), in_shardings=(state_sh, batch_sh),
+      self.score_fn = jax.jit(step_lib.make_score_step(graphdef, self.tx), in_shardings=(state_sh, batch_sh),
                               out_shardings=replicated)
+      if self.host:
+        self.step_fn, self.score_fn = self.host.train_step(self.step_fn), self.host.score_step(self.score_fn)
     shape = (t.batch_size, t.seq_len)
     index = self.batch_sharding.addressable_devices_indices_map(shape)
     self.rows = sorted({r for idx in index.values() for r in range(*idx[0].indices(shape[0]))})
     self.it = self.data.iterator(self.rows, t.steps)
+    if self.host:
+      self.it = self.host.prefetch(self.it)  # stages the next batch's rows during the step
     self.evaluator = Evaluator(exp.eval, self.data, self.score)
-    self.params_total = count_params(self.state["params"])
     self.start_step, self.ckpt = 0, None
     if workdir:
       self.ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), exp.checkpoint, exp.fingerprint())
       abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
-      restored = self.ckpt.restore_latest(abstract)
+      restored = self.ckpt.restore_latest({**abstract, "host": self.host.abstract()} if self.host else abstract)
       if restored is not None:
         self.state, meta = restored
+        if self.host:
+          self.host.restore(self.state.pop("host"))
         self.start_step = int(meta["data"]["next_step"])
         self.it.set_state(meta["data"]["iterator"])
 
@@ -213,7 +229,10 @@ class Trainer:
             log.metrics({"step": step, **m})
             bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
           if save_now:
-            self.ckpt.save(step, self.state, {"data": {"next_step": step, "iterator": self.it.get_state()}})
+            self.ckpt.save(step, {**self.state, "host": self.host.arrays()} if self.host else self.state,
+                           {"data": {"next_step": step, "iterator": self.it.get_state()}})
+            if self.sync_save:  # tables are saved without a copy: finish before the next step writes them
+              self.ckpt.manager.wait_until_finished()
           if step == t.steps or (ev.every and step % ev.every == 0):
             results = self.evaluate()
             if results:

@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from pmem.memory import lookup
 from pmem.memory.base import TokenContext
+from pmem.train import optim, sparse
 
 
 def lm_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array, z_loss: float = 0.0):
@@ -30,30 +32,53 @@ def forward_loss(graphdef: nnx.GraphDef, params, rest, batch, z_loss: float):
   return lm_loss(logits, batch["targets"], batch["loss_mask"], z_loss)
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    lr: optax.Schedule, z_loss: float) -> Callable:
-  """``step(state, batch) -> (state, metrics)``; state = {params, rest, opt, step}."""
+def make_train_step(graphdef: nnx.GraphDef, tx: optim.Optimizer, lr: optax.Schedule, z_loss: float) -> Callable:
+  """``step(state, batch) -> (state, metrics)``; state = {params, rest, opt, step}.
+
+  Row-sparse tables (``tx.row_sparse``) are differentiated through their reads and updated in
+  place on the rows the batch touched (:mod:`pmem.train.sparse`); for them ``grad_norm`` counts
+  the summed row gradients and ``param_norm`` only the rows written this step, so the step's
+  cost does not grow with the table. With host-resident tables (``tx.host``) the batch carries
+  their staged rows under ``"tables"`` and the step returns a third output, ``{name: Rows}`` of
+  their compact gradients with the learning rate and clip norm to apply on the host
+  (:mod:`pmem.train.host_tables`)."""
 
   def step(state, batch):
-    grad_fn = jax.value_and_grad(forward_loss, argnums=1, has_aux=True)
-    (loss, aux), grads = grad_fn(graphdef, state["params"], state["rest"], batch, z_loss)
-    updates, opt = tx.update(grads, state["opt"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss, "ce": aux["ce"], "z": aux["z"], "grad_norm": optax.tree.norm(grads),
-               "learning_rate": lr(state["step"]), "param_norm": optax.tree.norm(params)}
-    return {"params": params, "rest": state["rest"], "opt": opt, "step": state["step"] + 1}, metrics
+    params = state["params"]
+    f = lambda p: forward_loss(graphdef, p, state["rest"], batch, z_loss)
+    (loss, aux), grads = sparse.value_and_grad(f, params, tx.row_sparse, staged(tx, batch))
+    grads, host = tx.pop_host(grads)
+    updates, opt = tx.update(grads, state["opt"], params, host_norm_sq=sparse.norm_sq(host))
+    params = tx.apply_updates(params, updates)
+    metrics = {"loss": loss, "ce": aux["ce"], "z": aux["z"], "grad_norm": tx.grad_norm(grads, host),
+               "learning_rate": lr(state["step"]), "param_norm": tx.param_norm(params, updates)}
+    new = {"params": params, "rest": state["rest"], "opt": opt, "step": state["step"] + 1}
+    if not tx.host:
+      return new, metrics
+    return new, metrics, {"grads": host, "lr": tx.table_lr(state["opt"]["count"]),
+                          "norm": tx.table_norm(grads, host)}
 
   return step
 
 
-def make_score_step(graphdef: nnx.GraphDef) -> Callable:
+def staged(tx: optim.Optimizer, batch) -> sparse.Staged:
+  """Host tables' rows shipped with the batch (``batch["tables"]``, pmem.train.host_tables)."""
+  return {name: (t["rows"], t["slots"], tx.host[name]) for name, t in batch.get("tables", {}).items()}
+
+
+def make_score_step(graphdef: nnx.GraphDef, tx: optim.Optimizer | None = None) -> Callable:
   """``score(state, batch) -> {nll, correct}``: per-position cross-entropy (nats) of the target and
-  whether it is the argmax; the evaluator reduces them over loss masks or answer spans."""
+  whether it is the argmax; the evaluator reduces them over loss masks or answer spans. Host
+  tables (``tx.host``) are read from the rows staged in ``batch["tables"]``."""
 
   def score(state, batch):
-    model = nnx.merge(graphdef, state["params"], state["rest"])
+    params = state["params"]
+    if tx is not None and tx.host:
+      params = sparse.tapped(params, lambda name, v: name in tx.host, staged(tx, batch))
+    model = nnx.merge(graphdef, params, state["rest"])
     ctx = TokenContext(batch["inputs"], batch["positions"], batch["segment_ids"])
-    logits = model(batch["inputs"], ctx).astype(jnp.float32)
+    with lookup.reads(record=True):
+      logits = model(batch["inputs"], ctx).astype(jnp.float32)
     target = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
     return {"nll": jax.nn.logsumexp(logits, axis=-1) - target,
             "correct": jnp.argmax(logits, axis=-1) == batch["targets"]}

@@ -1,0 +1,242 @@
+"""Row-sparse training of :class:`MemoryTable` variables: cost per step grows with rows touched.
+
+1. :func:`value_and_grad` replaces each row-sparse table's value by a :class:`lookup.Tap`, traces
+   the forward once abstractly to discover its reads (how many, ``N`` ids each), then
+   differentiates with respect to the dense parameters and one zero probe per read. The probes'
+   cotangents are per-occurrence row gradients ``[N, D]`` and the ids (``pmem.memory.lookup``);
+   no table-sized gradient exists. The tables themselves are not differentiated.
+2. :func:`compact` sorts the ids (stable) and sums each id's rows in occurrence order:
+   :class:`Rows` (sorted unique ids padded with ``V``, summed rows; static size ``N``).
+3. :func:`update_rows` gathers the touched rows of the table and of its optimizer state, applies
+   :func:`row_step` and scatters them back in place (``unique_indices``; the train step donates
+   its state, otherwise every scatter copies the table). Leading (stacked-layer) dims are vmapped.
+
+Optimizers (``TableOptimConfig.optimizer``), all on touched rows only, in optax's formulas:
+``sgd``; ``adagrad`` (element-wise sum of squares, ``optax.scale_by_rss``); ``adagrad_rowwise``
+(one sum of the row's mean square per row, FBGEMM's row-wise Adagrad); ``adam`` / ``adamw``
+(``optax.scale_by_adam``) with *lazy* semantics: a row's moments decay and its bias correction
+advances only on steps that touch it (per-row step count ``count [..., V]``). Dense Adam also
+decays untouched rows' moments and keeps moving rows with non-zero momentum; the two agree when
+every row is touched every step. Weight decay touches only updated rows: coupled (added to the
+gradient) for sgd/adagrad/adam, decoupled (added to the direction) for adamw. For SGD and Adagrad
+without weight decay lazy and dense updates are the same. State per table:
+
+=================  =======================================================
+sgd                none
+adagrad            ``acc [..., V, D]``
+adagrad_rowwise    ``acc [..., V]``
+adam, adamw        ``mu, nu [..., V, D]``, ``count [..., V]`` (int32)
+=================  =======================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from pmem.core.variables import MemoryTable
+from pmem.memory import lookup
+
+OPTIMIZERS = ("sgd", "adagrad", "adagrad_rowwise", "adam", "adamw")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Rows:
+  """Rows of a ``[..., V, D]`` table by sorted unique ``ids [..., N]`` (padding slots hold ``V``
+  and are dropped on scatter): a compact gradient, or the new values of those rows."""
+  ids: Int[Array, "... N"]
+  rows: Float[Array, "... N D"]
+
+
+def name_of(path) -> str:
+  return "/".join(map(str, path))
+
+
+def tables_of(params: nnx.State, select: Callable) -> dict[str, tuple[tuple, nnx.Variable]]:
+  """``{name: (path, variable)}`` of the table variables ``select(name, variable)`` picks."""
+  return {name_of(p): (p, v) for p, v in nnx.to_flat_state(params)
+          if isinstance(v, MemoryTable) and select(name_of(p), v)}
+
+
+def with_values(tables: Mapping[str, tuple[tuple, nnx.Variable]], values: Mapping[str, object]) -> nnx.State:
+  """A State of the named table variables holding ``values[name]`` (same paths and metadata)."""
+  return nnx.from_flat_state([(p, v.replace(values[name])) for name, (p, v) in tables.items()])
+
+
+def row_axis(v) -> int:
+  """Index of the ``table_rows`` dim (leading dims before it are stacked layers)."""
+  axes = v.get_metadata().get("axes", ())
+  if len(axes) != 2 or axes[0] != "table_rows":
+    raise ValueError(f"a row-sparse MemoryTable needs axes ('table_rows', <width>), got {axes}")
+  return v.ndim - 2
+
+
+def compact(ids: Int[Array, "N"], grads: Float[Array, "N D"], num_rows: int) -> Rows:
+  """Sorted unique ids (padding ``num_rows``) and each id's rows summed in float32 in occurrence
+  order (each row is added straight into its id's run: no gather of ``grads`` into sorted order);
+  ids outside ``[0, num_rows)`` (unread probes decode to -1) are dropped."""
+  n = ids.shape[0]
+  ids = jnp.where((ids >= 0) & (ids < num_rows), ids, num_rows).astype(jnp.int32)
+  order = jnp.argsort(ids, stable=True)
+  sid = ids[order]
+  seg = jnp.cumsum(jnp.concatenate([jnp.ones((1,), bool), sid[1:] != sid[:-1]]), dtype=jnp.int32) - 1
+  uniq = jnp.full((n,), num_rows, jnp.int32).at[seg].set(sid)
+  run = jnp.zeros((n,), jnp.int32).at[order].set(seg, unique_indices=True)  # the run of each occurrence
+  rows = jax.ops.segment_sum(grads.astype(jnp.float32), run, n)
+  return Rows(uniq, jnp.where((uniq < num_rows)[:, None], rows, 0))
+
+
+def over_lead(f: Callable, n: int) -> Callable:
+  """``f`` vmapped over ``n`` leading (stacked-layer) dims of every argument."""
+  for _ in range(n):
+    f = jax.vmap(f)
+  return f
+
+
+# ----------------------------------------------------------------------------- differentiation
+
+
+Staged = Mapping[str, tuple[jax.Array, jax.Array, int]]  # name -> (rows [..., U, D], slots [..., U], V)
+
+
+def _sources(tables, staged: Staged) -> dict[str, tuple[jax.Array, jax.Array | None, int]]:
+  return {name: staged[name] if name in staged else (v.get_value(), None, v.shape[row_axis(v)])
+          for name, (_, v) in tables.items()}
+
+
+def tapped(params: nnx.State, select: Callable, staged: Staged | None = None,
+           probes: Mapping[str, tuple[lookup.Probe, ...]] | None = None) -> nnx.State:
+  """``params`` with the selected tables holding :class:`lookup.Tap` values (read them under
+  ``lookup.reads``). ``staged[name] = (rows [..., U, D], slots [..., U], V)``: a host-resident table
+  (a placeholder in ``params``) read from the rows a host stage shipped with the batch."""
+  tables = tables_of(params, select)
+  src, probes = _sources(tables, staged or {}), probes or {}
+  taps = {name: lookup.Tap(rows, slots, probes.get(name, ()), name, n) for name, (rows, slots, n) in src.items()}
+  return nnx.merge_state(params, with_values(tables, taps))
+
+
+def value_and_grad(f: Callable, params: nnx.State, select: Callable, staged: Staged | None = None):
+  """``((loss, aux), grads)`` of ``f(params) -> (loss, aux)``; in ``grads`` the tables that
+  ``select(name, variable)`` picks hold compact :class:`Rows` instead of a dense gradient (see
+  :func:`tapped` for ``staged``)."""
+  tables = tables_of(params, select)
+  if not tables:
+    return jax.value_and_grad(f, has_aux=True)(params)
+  src = _sources(tables, staged or {})
+  dense, fixed = nnx.split_state(params, lambda path, v: name_of(path) not in tables, ...)
+  with lookup.reads(record=True) as found:
+    jax.eval_shape(lambda: f(tapped(params, select, staged)))
+  probes = {name: tuple(lookup.Probe(jnp.zeros((*rows.shape[:-2], n, rows.shape[-1]), rows.dtype),
+                                     jnp.zeros((*rows.shape[:-2], n, 2), jnp.float32)) for n in found.sizes[name])
+            for name, (rows, _, _) in src.items() if name in found.sizes}
+
+  def loss(d, probes):
+    with lookup.reads() as r:
+      out = f(tapped(nnx.merge_state(d, fixed), select, staged, probes))
+    if r.count != found.count:
+      raise RuntimeError(f"MemoryTable reads changed between traces of the forward: {found.count} -> {r.count}")
+    return out
+
+  (value, aux), (g, gp) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(dense, probes)
+  rows = {}
+  for name, (src_rows, _, num_rows) in src.items():
+    lead, ps = src_rows.shape[:-2], gp.get(name, ())
+    ids = jnp.concatenate([lookup.decode(p.ids) for p in ps], -1) if ps else jnp.zeros((*lead, 0), jnp.int32)
+    gr = jnp.concatenate([p.grads for p in ps], -2) if ps else jnp.zeros((*lead, 0, src_rows.shape[-1]), src_rows.dtype)
+    rows[name] = over_lead(lambda i, x, n=num_rows: compact(i, x, n), len(lead))(ids, gr)
+  return (value, aux), nnx.merge_state(g, with_values(tables, rows))
+
+
+# ----------------------------------------------------------------------------- row optimizers
+
+
+def state_shapes(optimizer: str, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], object]]:
+  """Optimizer state of a table ``[..., V, D]``: ``{key: (shape, dtype)}`` (per-row keys drop D)."""
+  elem, row = shape, shape[:-1]
+  return {"sgd": {}, "adagrad": {"acc": (elem, jnp.float32)}, "adagrad_rowwise": {"acc": (row, jnp.float32)},
+          "adam": {"mu": (elem, jnp.float32), "nu": (elem, jnp.float32), "count": (row, jnp.int32)},
+          "adamw": {"mu": (elem, jnp.float32), "nu": (elem, jnp.float32), "count": (row, jnp.int32)},
+          }[optimizer]
+
+
+def init_state(cfg, shape: tuple[int, ...], xp=jnp) -> dict[str, jax.Array]:
+  """Initial state of a table ``shape`` (``xp=np`` for a host table)."""
+  fill = {"acc": cfg.adagrad_init}
+  return {k: xp.full(s, fill.get(k, 0), dt) for k, (s, dt) in state_shapes(cfg.optimizer, shape).items()}
+
+
+def row_step(cfg, eps: float, p: Float[Array, "N D"], s: dict[str, jax.Array], g: Float[Array, "N D"],
+             lr: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """New values of rows ``p`` and of their state rows ``s`` for summed (clipped) gradient ``g``;
+  learning rate ``lr`` (schedule x multiplier). Padding rows (zero g, p, s) stay zero."""
+  wd, opt = cfg.weight_decay, cfg.optimizer
+  if wd and opt != "adamw":  # coupled: L2 added to the gradient (optax.add_decayed_weights before the direction)
+    g = g + wd * p
+  s = dict(s)
+  if opt == "sgd":
+    u = g
+  elif opt in ("adagrad", "adagrad_rowwise"):  # optax.scale_by_rss, per element or per row
+    sq = g * g if opt == "adagrad" else jnp.mean(g * g, -1)
+    s["acc"] = sq + s["acc"]
+    inv = jnp.where(s["acc"] > 0, jax.lax.rsqrt(s["acc"] + eps), 0.0)
+    u = (inv if opt == "adagrad" else inv[:, None]) * g
+  else:  # optax.scale_by_adam with a per-row count (lazy)
+    b1, b2 = cfg.b1, cfg.b2
+    s["mu"] = (1 - b1) * g + b1 * s["mu"]
+    s["nu"] = (1 - b2) * (g * g) + b2 * s["nu"]
+    s["count"] = s["count"] + 1
+    c = s["count"][:, None]
+    mu_hat = s["mu"] / (1 - b1 ** c).astype(g.dtype)
+    nu_hat = s["nu"] / (1 - b2 ** c).astype(g.dtype)
+    u = mu_hat / (jnp.sqrt(nu_hat) + eps)
+    if wd and opt == "adamw":  # decoupled
+      u = u + wd * p
+  return p + jnp.asarray(-lr, u.dtype) * u, s
+
+
+def clip(g: jax.Array, norm: jax.Array, max_norm: float | None) -> jax.Array:
+  """optax.clip_by_global_norm's formula for one gradient given the global ``norm``."""
+  if not max_norm:
+    return g
+  return jax.lax.select(norm < max_norm, g, (g / norm.astype(g.dtype)) * max_norm)
+
+
+def norm_sq(rows: Mapping[str, Rows]) -> jax.Array:
+  return sum((jnp.sum(jnp.square(r.rows.astype(jnp.float32))) for r in rows.values()), jnp.zeros((), jnp.float32))
+
+
+def clipped_step(cfg, eps: float, p, s, g, lr, norm) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """:func:`row_step` after clipping by the global ``norm``, fenced by optimization barriers so it
+  compiles to the same element-wise code inside the train step and alone (the host tables' update):
+  host and device training stay bitwise equal."""
+  p, s, g = jax.lax.optimization_barrier((p, s, g))
+  return jax.lax.optimization_barrier(row_step(cfg, eps, p, s, clip(g, norm, cfg.clip_norm), lr))
+
+
+def update_rows(cfg, eps: float, table: jax.Array, state: dict[str, jax.Array], grad: Rows, lr: jax.Array,
+                norm: jax.Array) -> tuple[Rows, dict[str, jax.Array]]:
+  """New rows of ``table`` (as :class:`Rows`, for :func:`apply_rows`) and its state with the
+  touched rows updated in place, for gradients clipped by the tables' global ``norm``; leading
+  (stacked) dims vmapped."""
+
+  def one(t, st, ids, g):
+    take = lambda x: x.at[ids].get(mode="fill", fill_value=0)
+    new, s_new = clipped_step(cfg, eps, take(t), {k: take(v) for k, v in st.items()}, g, lr, norm)
+    st = {k: v.at[ids].set(s_new[k], mode="drop", unique_indices=True, indices_are_sorted=True)
+          for k, v in st.items()}
+    return jnp.where((ids < t.shape[0])[:, None], new, 0), st
+
+  new, state = over_lead(one, table.ndim - 2)(table, state, grad.ids, grad.rows)
+  return Rows(grad.ids, new), state
+
+
+def apply_rows(table: jax.Array, new: Rows) -> jax.Array:
+  """Writes new rows into ``table`` in place (donated); padding ids are dropped."""
+  put = lambda t, i, r: t.at[i].set(r.astype(t.dtype), mode="drop", unique_indices=True, indices_are_sorted=True)
+  return over_lead(put, table.ndim - 2)(table, new.ids, new.rows)

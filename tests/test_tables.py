@@ -1,0 +1,444 @@
+"""T1: row-sparse table optimizers (equivalence with dense optax, lazy Adam), tapped reads from
+token-indexed and computed ids inside the Trainer, row-sharded tables, host-resident tables,
+checkpoint resume."""
+
+import dataclasses
+import functools
+import shutil
+
+import fiddle as fdl
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from configs import cli
+from pmem.core import accounting, mesh as mesh_lib
+from pmem.core.variables import MemoryTable
+from pmem.memory import lookup
+from pmem.models import LayerOverride
+from pmem.train import host_tables, loop, optim, sparse
+from pmem.train.loop import Trainer
+
+# ------------------------------------------------------------------------------ toy modules
+
+
+class TokenTable(nnx.Module):
+  """STEM-like: a row per token id, read through the lookup function, gating the hidden state."""
+
+  def __init__(self, d_model: int, vocab: int = 256, *, rngs: nnx.Rngs, **_):
+    self.vocab, self.d = vocab, d_model
+    self.table = MemoryTable(0.02 * jax.random.normal(rngs.params(), (vocab, d_model)), axes=("table_rows", "embed"),
+                             index="inputs")
+
+  def __call__(self, x, ctx):
+    return x * lookup.gather(self.table, ctx.ids)
+
+  def cost(self, seq_len):
+    return accounting.lookup(self.vocab, self.d, rows_read=1)
+
+
+class TopKTable(nnx.Module):
+  """PKM-like: ids computed in the forward (top-k of x @ keys), read as a softmax-weighted bag."""
+
+  def __init__(self, d_model: int, rows: int = 512, k: int = 4, *, rngs: nnx.Rngs, **_):
+    self.rows, self.d, self.k = rows, d_model, k
+    self.keys = nnx.Param(jax.random.normal(rngs.params(), (d_model, rows)) / d_model ** 0.5, axes=("embed", None))
+    self.values = MemoryTable(0.02 * jax.random.normal(rngs.params(), (rows, d_model)), axes=("table_rows", "embed"))
+
+  def __call__(self, x, ctx):
+    b, t, d = x.shape
+    scores, ids = jax.lax.top_k((x.reshape(b * t, d) @ self.keys[...]).reshape(b, t, -1), self.k)
+    return lookup.bag(self.values, ids, jax.nn.softmax(scores, -1))
+
+  def cost(self, seq_len):
+    return accounting.dense(self.d, self.rows) + accounting.lookup(self.rows, self.d, rows_read=self.k)
+
+
+def trainer(*sets, overrides, steps=3, workdir=None) -> Trainer:
+  cfg = cli.build_config(["config:tiny", f"set:train.steps={steps}", "set:train.progress=False",
+                          "set:eval.valid_batches=0", "set:model.n_layers=2", "set:model.d_model=32",
+                          "set:train.seq_len=32", "set:train.batch_size=8", *sets])
+  exp = fdl.build(cfg)
+  return Trainer(dataclasses.replace(exp, model=dataclasses.replace(exp.model, overrides=overrides)), workdir)
+
+
+BOTH = (LayerOverride(layers=(0, 1), augment=(TokenTable, TopKTable)),)  # stacked [2, V, D] tables, scanned
+
+
+def table_params(t: Trainer) -> dict[str, np.ndarray]:
+  return {sparse.name_of(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(t.state["params"])}
+
+
+# ------------------------------------------------------------------------ optimizer equivalence
+
+
+class Toy(nnx.Module):
+  """A table read by given ids, scaled by ``w`` (a trained Param, or a constant Variable)."""
+
+  def __init__(self, rows=64, d=8, w=nnx.Param):
+    self.t = MemoryTable(jax.random.normal(jax.random.key(0), (rows, d)), axes=("table_rows", "embed"))
+    self.w = w(jnp.linspace(0.5, 1.5, d))
+
+  def __call__(self, ids):
+    return lookup.gather(self.t, ids) * self.w[...]
+
+
+def split(model):
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  return (lambda p: nnx.merge(graphdef, p, rest)), params
+
+
+def toy_train(update, ids_per_step, rows=64, w=nnx.Param, **table):
+  """Params after training Toy on the given ids with ``update`` (dense: optax on dense gradients)."""
+  merge, params = split(Toy(rows, w=w))
+  cfg = optim.OptimConfig(lr=0.1, warmup_steps=0, weight_decay=0.0, clip_norm=None,
+                          tables=optim.TableOptimConfig(**{"update": update, "clip_norm": None, **table}))
+  tx = optim.Optimizer(cfg, len(ids_per_step))
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(params, opt, ids):
+    (_, _), grads = sparse.value_and_grad(lambda p: loss(merge(p)(ids)), params, tx.row_sparse)
+    updates, opt = tx.update(grads, opt, params)
+    return tx.apply_updates(params, updates), opt
+
+  opt = tx.init(params)
+  for ids in ids_per_step:
+    params, opt = step(params, opt, jnp.asarray(ids))
+  return np.asarray(params["t"][...]), np.asarray(merge(params).w[...])
+
+
+def loss(y):
+  return (jnp.sin(y) ** 2).sum(), {}
+
+
+RANDOM_IDS = [np.random.default_rng(i).integers(0, 64, (5, 7)) for i in range(4)]  # duplicates, untouched rows
+ALL_ROWS = [np.random.default_rng(i).permutation(np.repeat(np.arange(64), 2)).reshape(8, 16) for i in range(4)]
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "adagrad_rowwise"])
+def test_row_sparse_equals_dense_exactly_for_sgd_and_adagrad(optimizer, clip):
+  # lazy and dense agree for these optimizers (untouched rows have zero gradient). Clipping takes
+  # the norm from the compact rows: the same value summed in another order (last-bit differences)
+  dense = toy_train("dense", RANDOM_IDS, optimizer=optimizer, clip_norm=clip)
+  rows = toy_train("row_sparse", RANDOM_IDS, optimizer=optimizer, clip_norm=clip)
+  check = np.testing.assert_array_equal if clip is None else functools.partial(np.testing.assert_allclose, rtol=1e-6)
+  check(rows[0], dense[0])
+  check(rows[1], dense[1])
+
+
+def test_row_sparse_sgd_equals_optax_sgd():
+  merge, p = split(Toy(w=nnx.Variable))
+  tx = optax.sgd(optim.schedule(optim.OptimConfig(lr=0.1, warmup_steps=0), len(RANDOM_IDS)))
+
+  @jax.jit
+  def step(p, opt, ids):
+    updates, opt = tx.update(jax.grad(lambda q: loss(merge(q)(ids))[0])(p), opt)
+    return optax.apply_updates(p, updates), opt
+
+  opt = tx.init(p)
+  for ids in RANDOM_IDS:
+    p, opt = step(p, opt, jnp.asarray(ids))
+  rows = toy_train("row_sparse", RANDOM_IDS, w=nnx.Variable, optimizer="sgd")[0]
+  np.testing.assert_array_equal(rows, p["t"][...])
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_row_sparse_adam_equals_dense_adam_when_every_row_is_touched(optimizer):
+  kw = dict(optimizer=optimizer, weight_decay=0.01, lr_mult=2.0)
+  dense, rows = toy_train("dense", ALL_ROWS, **kw), toy_train("row_sparse", ALL_ROWS, **kw)
+  np.testing.assert_allclose(rows[0], dense[0], rtol=1e-6, atol=1e-6)  # last-bit differences, O(1) values
+  np.testing.assert_allclose(rows[1], dense[1], rtol=1e-6, atol=1e-6)
+  assert not np.allclose(toy_train("dense", RANDOM_IDS, **kw)[0], toy_train("row_sparse", RANDOM_IDS, **kw)[0])
+
+
+def test_lazy_adam_by_hand():
+  # table [3, 1], loss = sum of the rows read (gradient 1 per occurrence); lr 0.1, betas .5/.5,
+  # eps 0, weight decay 0.1 (decoupled, adamw), table lr x2
+  merge, params = split(Toy(rows=3, d=1, w=nnx.Variable))
+  p0 = np.asarray(params["t"][...])[:, 0].astype(np.float64)
+  cfg = optim.OptimConfig(lr=0.1, warmup_steps=0, min_lr_ratio=1.0, clip_norm=None, eps=0.0,
+                          tables=optim.TableOptimConfig(update="row_sparse", optimizer="adamw", b1=0.5, b2=0.5,
+                                                        weight_decay=0.1, lr_mult=2.0, clip_norm=None))
+  tx = optim.Optimizer(cfg, 3)
+
+  @jax.jit
+  def step(params, opt, ids):
+    (_, _), grads = sparse.value_and_grad(lambda q: (merge(q)(ids).sum(), {}), params, tx.row_sparse)
+    updates, opt = tx.update(grads, opt, params)
+    return tx.apply_updates(params, updates), opt
+
+  opt = tx.init(params)
+  for ids in ([0, 0, 1], [0], [0, 1]):
+    params, opt = step(params, opt, jnp.asarray(ids))
+  # row 0: gradients 2, 1, 1 on steps 1-3; row 1: 1 on steps 1 and 3 (its count is 2, and its
+  # moments skip step 2); row 2: untouched, so no weight decay either
+  lr, p = 0.2, p0.copy()
+  for r, gs in ((0, [2.0, 1.0, 1.0]), (1, [1.0, 1.0])):
+    m = v = 0.0
+    for c, g in enumerate(gs, 1):
+      m, v = 0.5 * m + 0.5 * g, 0.5 * v + 0.5 * g * g
+      p[r] -= lr * ((m / (1 - 0.5 ** c)) / np.sqrt(v / (1 - 0.5 ** c)) + 0.1 * p[r])
+  np.testing.assert_allclose(np.asarray(params["t"][...])[:, 0], p, rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(opt["rows"]["count"]["t"][...]), [3, 2, 0])
+
+
+def test_row_sparse_step_has_no_table_sized_temporaries():
+  rows, d = 1 << 16, 64
+  merge, params = split(Toy(rows, d))
+  ids = jnp.zeros((32, 32), jnp.int32)
+  table_bytes = rows * d * 4
+  bounds = {"row_sparse": lambda temp: temp < table_bytes / 8, "dense": lambda temp: temp >= table_bytes}
+  for update, bound in bounds.items():
+    tx = optim.Optimizer(optim.OptimConfig(tables=optim.TableOptimConfig(update=update)), 10)
+
+    def step(params, opt, ids):
+      (_, _), grads = sparse.value_and_grad(lambda p: loss(merge(p)(ids)), params, tx.row_sparse)
+      updates, opt = tx.update(grads, opt, params)
+      return tx.apply_updates(params, updates), opt
+
+    abstract = jax.eval_shape(lambda: (params, tx.init(params)))
+    mem = jax.jit(step, donate_argnums=(0, 1)).lower(*abstract, ids).compile().memory_analysis()
+    assert bound(mem.temp_size_in_bytes), (update, mem.temp_size_in_bytes)
+    assert mem.alias_size_in_bytes >= 3 * table_bytes  # table, mu, nu updated in place
+
+
+def test_auto_picks_by_rows():
+  tx = optim.Optimizer(optim.OptimConfig(tables=optim.TableOptimConfig(sparse_min_rows=100)), 10)
+  small, big = (MemoryTable(jnp.zeros((n, 4)), axes=("table_rows", "embed")) for n in (99, 100))
+  assert not tx.row_sparse("a", small) and tx.row_sparse("b", big)
+  stacked = MemoryTable(jnp.zeros((3, 100, 4)), axes=("table_rows", "embed"))  # rows after stacked dims
+  assert tx.row_sparse("c", stacked)
+
+
+def test_plain_read_of_a_row_sparse_table_raises():
+  merge, params = split(Toy())
+
+  def bad(p):
+    m = merge(p)
+    return jnp.take(m.t[...], jnp.zeros((3,), jnp.int32), axis=0).sum(), {}
+
+  tx = optim.Optimizer(optim.OptimConfig(tables=optim.TableOptimConfig(update="row_sparse")), 10)
+  with pytest.raises(TypeError, match="MemoryTable 't' is updated row-sparse: read it with pmem.memory.lookup"):
+    sparse.value_and_grad(bad, params, tx.row_sparse)
+
+
+def test_stacked_tables_and_bag_weights():
+  # a [2, V, D] table inside a scan, read as a bag: row grads per layer, weight grads intact
+  class Bag(nnx.Module):
+    def __init__(self):
+      self.t = MemoryTable(jax.random.normal(jax.random.key(1), (2, 16, 4)), axes=("table_rows", "embed"))
+
+  graphdef, params = nnx.split(Bag(), nnx.Param)
+  ids = jnp.array([[1, 3], [3, 3], [0, 15]])
+
+  def f(p, w):
+    gd, st = nnx.split(nnx.merge(graphdef, p).t)
+    body = lambda h, s: (h + jnp.sin(lookup.bag(nnx.merge(gd, s), ids, w)).sum(), None)
+    return jax.lax.scan(body, 0.0, st)[0]
+
+  w = jnp.array([[0.5, 2.0], [1.0, -1.0], [3.0, 0.25]])
+  (_, _), grads = sparse.value_and_grad(lambda p: (f(p, w), {}), params, lambda name, v: True)
+  dense = jax.grad(f)(params, w)["t"][...]
+  rows = grads["t"].get_value()
+  got = jax.vmap(lambda r: jnp.zeros((17, 4)).at[r.ids].add(r.rows)[:16])(rows)
+  np.testing.assert_allclose(got, dense, rtol=1e-6)
+  assert rows.ids.shape == (2, 6) and sorted(np.asarray(rows.ids[0][:4])) == [0, 1, 3, 15]
+
+
+# ------------------------------------------------------------------------------- the Trainer
+
+
+TRAINER_SETS = ("set:train.optim.tables.update='row_sparse'", "set:train.optim.tables.optimizer='sgd'",
+                "set:train.optim.tables.lr_mult=10.0")
+TOKEN, VALUES = "stages/0/blocks/aug/0/table", "stages/0/blocks/aug/1/values"
+
+
+@pytest.fixture(scope="module")
+def row_sparse_run():
+  """A Trainer run with a token-indexed and a computed-ids (top-k) table, both row-sparse and
+  stacked over 2 scanned layers: (trainer, params before, params after)."""
+  t = trainer(*TRAINER_SETS, overrides=BOTH)
+  before = table_params(t)
+  t.run()
+  return t, before, table_params(t)
+
+
+def test_tables_train_row_sparse_and_from_the_host_in_the_trainer(row_sparse_run):
+  rs, before, after = row_sparse_run
+  assert after[VALUES].shape == (2, 512, 32)
+  for name in (TOKEN, VALUES):
+    changed = np.any(after[name] != before[name], axis=-1)
+    assert 0 < changed.sum() < changed.size, name  # some rows move, untouched ones do not
+  # the host run keeps the token table on the host: the budget fits only the top-k table
+  budget = host_tables.state_bytes(rs.tx, rs.state["params"]["stages"][0]["blocks"]["aug"][1]["values"])
+  host = trainer(*TRAINER_SETS, f"set:train.optim.tables.device_budget_bytes={budget}", overrides=BOTH)
+  assert set(host.host.tables) == {TOKEN} and host.params_total == rs.params_total
+  host.run()
+  got = table_params(host) | {TOKEN: host.host.tables[TOKEN]}
+  for name in after:  # host-resident == device-resident, bitwise
+    np.testing.assert_array_equal(got[name], after[name], err_msg=name)
+
+
+@pytest.mark.slow
+def test_row_sparse_sgd_equals_dense_sgd_in_the_trainer(row_sparse_run):
+  _, _, after = row_sparse_run
+  dense = trainer(*TRAINER_SETS, "set:train.optim.tables.update='dense'", overrides=BOTH)
+  dense.run()
+  for name, want in table_params(dense).items():  # AdamW on the dense parameters turns last-bit
+    # gradient differences into ~1e-6 absolute ones
+    np.testing.assert_allclose(after[name], want, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+# ---------------------------------------------------------------------------- host placement
+
+TOKENS = (LayerOverride(layers=(0, 1), augment=(TokenTable,)),)
+TOKEN_NAME = "stages/0/blocks/aug/0/table"
+
+
+def test_host_placement_refuses_tables_whose_ids_are_computed_in_the_forward():
+  with pytest.raises(ValueError, match="their ids are computed in the forward"):
+    trainer("set:train.optim.tables.update='row_sparse'", "set:train.optim.tables.device_budget_bytes=0",
+            overrides=(LayerOverride(layers=(0,), augment=(TopKTable,)),))
+
+
+def host_store(max_unique=4):
+  tx = optim.Optimizer(optim.OptimConfig(tables=optim.TableOptimConfig(update="row_sparse")), 10)
+  table = np.arange(2 * 10 * 3, dtype=np.float32).reshape(2, 10, 3)  # two stacked layers
+  return host_tables.HostTables(tx.with_host({"t": 10}), {"t": table}, {"t": "inputs"}, max_unique)
+
+
+def test_host_staging_dedups_bounds_and_refreshes_rows_written_after_staging():
+  host = host_store()
+  staged = host.stage({"inputs": np.array([[7, 2, 7], [2, 9, 9]])})["t"]
+  np.testing.assert_array_equal(staged["slots"], [[2, 7, 9, 10]] * 2)
+  np.testing.assert_array_equal(staged["rows"][1, :3], host.tables["t"][1, [2, 7, 9]])
+  assert not staged["rows"][:, 3].any()
+  with pytest.raises(ValueError, match="5 unique ids, more than the 4 staged rows"):
+    host.stage({"inputs": np.arange(5)})
+  host.tables["t"][:, 7] = -1.0  # an update written after the staging
+  refreshed = host._refresh({"t": staged}, {"t": np.array([7, 8])})["t"]
+  np.testing.assert_array_equal(refreshed["rows"][:, 1], -np.ones((2, 3)))
+  np.testing.assert_array_equal(refreshed["rows"][:, 0], host.tables["t"][:, 2])
+
+
+def test_prefetch_stages_ahead_and_reports_the_position_of_the_next_batch():
+  class It:  # a checkpointable iterator over numbered batches
+    def __init__(self):
+      self.i = 0
+    def __next__(self):
+      if self.i == 3:
+        raise StopIteration
+      self.i += 1
+      return {"inputs": np.array([self.i])}
+    def get_state(self):
+      return {"i": self.i}
+    def set_state(self, s):
+      self.i = s["i"]
+
+  host = host_store()
+  it = host.prefetch(It())
+  assert next(it)["inputs"][0] == 1 and it.get_state() == {"i": 1}  # batch 2 is being staged
+  assert host.ahead.staged.result()["t"]["slots"][0, 0] == 2 and len(host.pending) == 1
+  it.set_state({"i": 2})
+  assert next(it)["inputs"][0] == 3 and host.ahead is None
+  with pytest.raises(StopIteration):
+    next(it)
+
+
+# ---------------------------------------------------------------------------- row sharding
+
+
+def sharded_train(mesh_cfg, ids_per_step, rows=1024, d=16):
+  """Row-sparse AdamW on Toy under a mesh (rows sharded by the rules: table_rows -> fsdp)."""
+  mesh = mesh_lib.make_mesh(mesh_cfg)
+  merge, params = split(Toy(rows, d))
+  tx = optim.Optimizer(optim.OptimConfig(lr=0.1, warmup_steps=0, tables=optim.TableOptimConfig(
+      update="row_sparse", weight_decay=0.01)), len(ids_per_step))
+
+  def step(params, opt, ids):
+    (_, _), grads = sparse.value_and_grad(lambda q: loss(merge(q)(ids)), params, tx.row_sparse)
+    updates, opt = tx.update(grads, opt, params)
+    return tx.apply_updates(params, updates), opt
+
+  with jax.set_mesh(mesh):
+    abstract = jax.eval_shape(lambda: params)
+    p_sh, replicated = loop.param_shardings(mesh, abstract), NamedSharding(mesh, P())
+    abstract_opt = jax.eval_shape(tx.init, abstract)
+    opt_sh = tx.row_state_shardings(loop.shardings_like(abstract_opt, abstract, p_sh, replicated), p_sh)
+    ids_sh = NamedSharding(mesh, P(("data", "fsdp")))
+    f = jax.jit(step, in_shardings=(p_sh, opt_sh, ids_sh), out_shardings=(p_sh, opt_sh), donate_argnums=(0, 1))
+    p = jax.device_put(params, p_sh)
+    opt = jax.jit(tx.init, out_shardings=opt_sh)(p)
+    hlo = f.lower(p, opt, jax.ShapeDtypeStruct(ids_per_step[0].shape, jnp.int32, sharding=ids_sh)).compile().as_text()
+    for ids in ids_per_step:
+      p, opt = f(p, opt, jax.device_put(jnp.asarray(ids, jnp.int32), ids_sh))
+  return p, opt, hlo
+
+
+def test_row_sharded_tables_match_one_device_and_hold_rows_over_axis_size():
+  ids = [np.random.default_rng(i).integers(0, 1024, (64,)) for i in range(3)]
+  p1, o1, _ = sharded_train(mesh_lib.MeshConfig(), ids)
+  p8, o8, hlo = sharded_train(mesh_lib.MeshConfig(fsdp=8), ids)
+  np.testing.assert_allclose(np.asarray(p8["t"][...]), np.asarray(p1["t"][...]), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(o8["rows"]["nu"]["t"][...]), np.asarray(o1["rows"]["nu"]["t"][...]),
+                             rtol=1e-5, atol=1e-10)
+  np.testing.assert_array_equal(np.asarray(o8["rows"]["count"]["t"][...]), np.asarray(o1["rows"]["count"]["t"][...]))
+  for x in (p8["t"][...], o8["rows"]["mu"]["t"][...], o8["rows"]["nu"]["t"][...], o8["rows"]["count"]["t"][...]):
+    assert len(x.addressable_shards) == 8 and all(s.data.shape[0] == 1024 // 8 for s in x.addressable_shards)
+  collectives = [line for line in hlo.splitlines()
+                 if any(c in line for c in ("all-gather(", "all-reduce(", "all-to-all("))]
+  assert collectives and not [line for line in collectives if "[1024," in line]  # no table-sized exchange
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def resume_equals_uninterrupted(tmp_path, *sets, overrides):
+  """Trains 4 steps saving every 2, drops the step-4 checkpoint, resumes from step 2 in a new
+  Trainer: the resumed parameters (device and host) equal the uninterrupted ones bitwise."""
+  sets = (*sets, "set:checkpoint.every=2")
+  t = trainer(*sets, overrides=overrides, steps=4, workdir=str(tmp_path))
+  t.run()
+  want = table_params(t) | ({f"host/{n}": x.copy() for n, x in t.host.tables.items()} if t.host else {})
+  shutil.rmtree(tmp_path / "checkpoints" / "4")
+  r = trainer(*sets, overrides=overrides, steps=4, workdir=str(tmp_path))
+  assert r.start_step == 2
+  r.run()
+  got = table_params(r) | ({f"host/{n}": x for n, x in r.host.tables.items()} if r.host else {})
+  assert got.keys() == want.keys()
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+  return r
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", ["set:mesh.fsdp=1", "set:mesh.fsdp=8"])
+def test_row_sparse_resume_is_bitwise(tmp_path, mesh):
+  r = resume_equals_uninterrupted(tmp_path, mesh, "set:train.optim.tables.update='row_sparse'", overrides=BOTH)
+  table = r.state["params"]["stages"][0]["blocks"]["aug"][0]["table"][...]
+  fsdp = r.exp.mesh.fsdp
+  assert {s.data.shape for s in table.addressable_shards} == {(2, 256 // fsdp, 32)}
+
+
+@pytest.mark.slow
+def test_host_resume_is_bitwise(tmp_path):
+  r = resume_equals_uninterrupted(tmp_path, "set:train.optim.tables.update='row_sparse'",
+                                  "set:train.optim.tables.device_budget_bytes=0", overrides=TOKENS)
+  assert set(r.host.tables) == {TOKEN_NAME}
+
+
+def test_benchmark_model_trains_the_same_from_the_host_and_the_device():
+  # the benchmark's train loop (make_train_step, prefetch, host apply) at a small size
+  from experiments.bench import tables as bench
+  dev, _, _, _ = bench.train(1 << 12, "row_sparse", 4)
+  state, host, _, _ = bench.train(1 << 12, "host", 4)
+  np.testing.assert_array_equal(host.tables["table"], np.asarray(dev["params"]["table"][...]))
+  np.testing.assert_array_equal(np.asarray(state["params"]["w"][...]), np.asarray(dev["params"]["w"][...]))
+  dense, _, _, _ = bench.train(1 << 12, "dense", 4)
+  assert not np.array_equal(np.asarray(dense["params"]["table"][...]), host.tables["table"])  # lazy vs dense AdamW
