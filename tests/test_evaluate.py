@@ -58,6 +58,7 @@ def test_bios_run_reports_accuracy_and_knowledge_bits(tmp_path):
   assert s["bios/bits_per_active_param"] == pytest.approx(s["bios/knowledge_bits"] / t.cost.active_params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,sets,key", [
     ("mqar_small", ["set:data.mqar.n_train=64", "set:data.mqar.n_test=16"], "mqar/acc"),
     ("passkey_small", ["set:data.passkey.n_train=32", "set:data.passkey.n_eval=1"], "passkey/acc/length/24/depth/0.5"),

@@ -336,8 +336,8 @@ def test_lave_matches_numpy_costs_and_gradients():
 # ------------------------------------------------------------------------------ configs
 
 
-@pytest.mark.parametrize("name", ["stem_tiny", pytest.param("move_tiny", marks=pytest.mark.slow),
-                                  pytest.param("lave_tiny", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["stem_tiny", "move_tiny", "lave_tiny"])
 def test_tiny_config_trains(name):
   cfg = cli.build_config([f"config:{name}", "set:train.steps=3", "set:train.progress=False",
                           "set:eval.valid_batches=0", "set:train.batch_size=4", "set:train.seq_len=32"])
