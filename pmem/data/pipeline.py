@@ -87,8 +87,6 @@ class CorpusDocs:
       np.savez(tmp, tokens=flat, lengths=lengths)
       os.replace(tmp, path)
     self.docs = [(x, np.ones(len(x), bool)) for x in np.split(flat, np.cumsum(lengths)[:-1])]
-    self.names = [d.name for d in docs]
-    self.bytes = sum(len(d.text.encode()) for d in docs)
 
   def __call__(self, epoch: int) -> list[Doc]:
     return self.docs
@@ -217,8 +215,7 @@ class Pipeline:
                      ([cfg.mqar.vocab_size] if cfg.mqar else []))
     parts, weights = [], []
     if cfg.corpus is not None:
-      self.corpus_train = CorpusDocs(cfg.corpus, "train", self.tokenizer)
-      parts.append(Windows(self.corpus_train, seq_len, seed, "corpus", pack=True))
+      parts.append(Windows(CorpusDocs(cfg.corpus, "train", self.tokenizer), seq_len, seed, "corpus", pack=True))
       weights.append(cfg.corpus_weight)
     for k, task in self.tasks.items():
       tok = None if k == "mqar" else self.tokenizer
@@ -226,7 +223,6 @@ class Pipeline:
       weights.append(getattr(cfg, k).weight)
     if min(weights) <= 0:
       raise ValueError(f"data source weights must be > 0, got {weights}")
-    self.parts = parts
     srcs = [grain.MapDataset.source(p) for p in parts]
     self.examples = srcs[0] if len(srcs) == 1 else grain.MapDataset.mix(srcs, weights)
 
@@ -260,6 +256,4 @@ class Pipeline:
   def valid_windows(self) -> Windows:
     """The corpus's held-out documents, packed in order, one pass."""
     docs = CorpusDocs(self.cfg.corpus, "valid", self.tokenizer)
-    w = Windows(docs, self.t, self.seed, "valid", pack=True, shuffle=False, epochs=1)
-    w.bytes = docs.bytes
-    return w
+    return Windows(docs, self.t, self.seed, "valid", pack=True, shuffle=False, epochs=1)
