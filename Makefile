@@ -14,13 +14,16 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 find_python = $(shell for c in python$(1) python3 $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$(1)*/bin/python3 2>/dev/null | sort -V); do \
   command -v $$c >/dev/null 2>&1 && $$c -c 'import sys; v=sys.version_info[:2]; sys.exit(not ($(2)))' >/dev/null 2>&1 && { command -v $$c; break; }; done)
 
-.PHONY: run test test-slow test-all bench setup oracle clean
+.PHONY: run demo test test-slow test-all bench setup oracle clean
 
 run: setup
-	$(PY) -m experiments.train --config config:demo --workdir $(WORKDIR) $(ARGS)
+	$(PY) -m experiments.headline --out $(WORKDIR) $(ARGS)
+
+demo: setup
+	$(PY) -m experiments.train --config config:demo --workdir $(or $(DEMO_WORKDIR),runs/demo_lm) $(ARGS)
 
 test: setup oracle
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" -n 2 $(PYTEST_ARGS)
 
 test-slow: setup oracle
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)

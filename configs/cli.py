@@ -20,8 +20,10 @@ class ConfigError(ValueError):
 
 
 def _args(b: fdl.Buildable) -> list[str]:
-  return [n for n, p in inspect.signature(fdl.get_callable(b)).parameters.items()
-          if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and n != "rngs"]
+  fn = fdl.get_callable(b)
+  sig = inspect.signature(fn.__init__ if isinstance(fn, type) and not dataclasses.is_dataclass(fn) else fn)
+  return [n for n, p in sig.parameters.items()
+          if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and n not in ("rngs", "self")]
 
 
 def _child(b: fdl.Buildable, name: str):

@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import cli
-from conftest import ROOT, read_losses, run_launcher
+from tests.conftest import ROOT, read_losses, run_launcher
 from pmem.train.checkpoint import CheckpointError
 from pmem.train.loop import Trainer
 

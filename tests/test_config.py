@@ -9,7 +9,7 @@ from flax import nnx
 
 import configs
 from configs import cli
-from conftest import run_launcher
+from tests.conftest import run_launcher
 from pmem.models import Decoder
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import ROOT, run_oracle
+from tests.conftest import ROOT, run_oracle
 from pmem.layers.attention import Attention
 from pmem.layers.mlp import SwiGLU
 from pmem.memory.base import TokenContext

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, read_losses, run_launcher
+from tests.conftest import ROOT, read_losses, run_launcher
 
 ARGS = ["--config", "config:tiny", "--config", "set:train.steps=5", "--config", "set:mesh.data=2",
         "--config", "set:mesh.fsdp=2", "--config", "set:mesh.tensor=2"]

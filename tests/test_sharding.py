@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import cli
-from conftest import read_losses, run_launcher
+from tests.conftest import read_losses, run_launcher
 from pmem.core import rules
 from pmem.train.loop import Trainer
 

@@ -299,7 +299,7 @@ def test_move_shared_bank_serves_every_layer():
   ids_j = jnp.asarray(ids, jnp.int32)
 
   def two_layers(mb, l0, l1, x):
-    ctx = context(ids, {MOVE_FEATURE: mb(ids_j)})  # looked up once per token
+    ctx = context(ids, {MOVE_FEATURE: mb(ids_j, context(ids))})  # looked up once per token
     return l1(l0(x, ctx), ctx)
 
   mods = (mb, *layers)

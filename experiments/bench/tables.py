@@ -10,10 +10,13 @@ prefetched per batch, ``pmem.train.host_tables``). Each (V, placement) runs in a
 subprocess so ``ru_maxrss`` is that configuration's peak; the step is compiled before the state
 is allocated, so ``baseline_rss_bytes`` (RSS before the state exists) plus ``state_bytes`` is
 what a step without transients would need. Step time is the median of ``--steps`` after warm-up.
-Subprocesses run with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (transparent huge pages for
-XLA's CPU buffers; NumPy already asks for them) unless ``--no-thp``: random rows of a
-multi-GiB table otherwise cost a TLB miss each, and row-sparse steps slow down ~1.5x from 2^16 to
-2^20 rows on this machine.
+Subprocesses run with ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=65536:glibc.malloc.hugetlb=1``:
+a fixed mmap threshold, so XLA's per-step temporaries are unmapped when freed (glibc's dynamic
+threshold otherwise rises after the first free and the heap keeps and fragments them: peak RSS
+crept up ~5 MiB every few steps), and, unless ``--no-thp``, transparent huge pages for XLA's CPU
+buffers (NumPy already asks for them): random rows of a multi-GiB table otherwise cost a TLB
+miss each, and row-sparse steps slow down ~1.5x from 2^16 to 2^20 rows on this machine. The
+state's initializer is compiled before the baseline is taken, like the step.
 
   python -m experiments.bench.tables --out FILE.json [--quick] [--max-log2 24] [--max-dense-log2 22]
 
@@ -36,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from experiments.bench.common import available_bytes
 from pmem.core.variables import MemoryTable
 from pmem.memory import lookup
 from pmem.train import host_tables, optim, step as step_lib
@@ -102,6 +106,7 @@ def train(rows: int, placement: str, steps: int) -> tuple[dict, host_tables.Host
     batch["tables"] = {name: {"rows": jax.ShapeDtypeStruct((B * T, D), jnp.float32),
                               "slots": jax.ShapeDtypeStruct((B * T,), jnp.int32)}}
   fn = jax.jit(step, donate_argnums=0).lower(jax.eval_shape(init), batch).compile()
+  make_state = jax.jit(init).lower().compile()  # compiled here: compiler memory is not a step's transient
   baseline = _rss_now()  # compiled, no state yet
   if placement == "host":
     values = np.empty((rows, D), np.float32)
@@ -110,7 +115,7 @@ def train(rows: int, placement: str, steps: int) -> tuple[dict, host_tables.Host
       values[a:a + chunk] = np.asarray(_values(values[a:a + chunk], start=a * D))
     host = host_tables.HostTables(tx, {name: values}, {name: "inputs"}, B * T)
     fn = host.train_step(fn)
-  state = jax.jit(init)()
+  state = make_state()
   jax.block_until_ready(state)
   times = []
   for b in (host.prefetch(iter(batches)) if host is not None else batches):
@@ -132,12 +137,6 @@ def measure(rows: int, placement: str, steps: int, warmup: int) -> dict:
           "baseline_rss_bytes": baseline, "steps_s": times}
 
 
-def _available_bytes() -> int:
-  with open("/proc/meminfo") as f:
-    info = dict(line.split(":", 1) for line in f)
-  return int(info["MemAvailable"].split()[0]) * 1024
-
-
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out")
@@ -147,7 +146,7 @@ def main() -> None:
   ap.add_argument("--steps", type=int, default=7, help="timed steps (>= 5)")
   ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--no-thp", action="store_true",
-                  help="do not ask glibc for transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)")
+                  help="do not ask glibc for transparent huge pages (glibc.malloc.hugetlb=1)")
   ap.add_argument("--one", nargs=2, metavar=("ROWS", "PLACEMENT"), help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.one:
@@ -164,11 +163,12 @@ def main() -> None:
         print(f"skip dense 2^{log2}: above --max-dense-log2={args.max_dense_log2}", file=sys.stderr)
         continue
       need = rows * D * 4 * (4 if placement == "dense" else 3) + (1 << 30)
-      if need > _available_bytes():
-        print(f"skip {placement} 2^{log2}: needs ~{need / 2**30:.1f} GiB, {_available_bytes() / 2**30:.1f} GiB "
+      if need > available_bytes():
+        print(f"skip {placement} 2^{log2}: needs ~{need / 2**30:.1f} GiB, {available_bytes() / 2**30:.1f} GiB "
               "available", file=sys.stderr)
         continue
-      env = os.environ if args.no_thp else {**os.environ, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+      tunables = "glibc.malloc.mmap_threshold=65536" + ("" if args.no_thp else ":glibc.malloc.hugetlb=1")
+      env = {**os.environ, "GLIBC_TUNABLES": tunables}
       r = subprocess.run([sys.executable, "-m", "experiments.bench.tables", "--one", str(rows), placement,
                           "--steps", str(args.steps), "--warmup", str(args.warmup)], capture_output=True, text=True,
                          env=env)

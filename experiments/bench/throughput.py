@@ -15,7 +15,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import subprocess
 import time
 
 import fiddle as fdl
@@ -24,31 +23,10 @@ import numpy as np
 from flax import nnx
 
 from configs.base import experiment
+from experiments.bench.common import ROOT, TorchWorker
 from pmem.models.decoder import Decoder
 from pmem.models.llama_compat import hf_config
 from pmem.train.loop import Trainer
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-class TorchWorker:
-  """The HF model in the oracle venv, stepping on request."""
-
-  def __init__(self, python: str, cfg: dict, b: int, t: int):
-    self.p = subprocess.Popen([python, str(ROOT / "experiments/oracles/hf_llama.py"), "bench", json.dumps(cfg),
-                               str(b), str(t)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    if self.p.stdout.readline().strip() != "ready":
-      raise RuntimeError("the torch worker did not start")
-
-  def step(self) -> float:
-    self.p.stdin.write("step\n")
-    self.p.stdin.flush()
-    return float(self.p.stdout.readline().split()[0])
-
-  def close(self) -> None:
-    self.p.stdin.write("quit\n")
-    self.p.stdin.flush()
-    self.p.wait(timeout=60)
 
 
 def main() -> None:
@@ -89,7 +67,7 @@ def main() -> None:
   model = nnx.eval_shape(lambda: Decoder(exp.model, rngs=nnx.Rngs(0)))
   steppers = {"pmem": pmem_stepper(exp.model),
               "pmem_noscan": pmem_stepper(dataclasses.replace(exp.model, scan_layers=False))}
-  worker = TorchWorker(a.oracle_python, hf_config(model), b, t)
+  worker = TorchWorker(a.oracle_python, "hf_llama.py", json.dumps(hf_config(model)), str(b), str(t))
   steppers["hf_torch"] = worker.step
   times = {k: [] for k in steppers}
   try:

@@ -245,11 +245,15 @@ class Pipeline:
     ex = [self.examples[step * self.b + int(r)] for r in rows]
     return {k: np.concatenate([e[k] for e in ex]) for k in FIELDS}
 
-  def iterator(self, rows: Sequence[int], steps: int) -> grain.DatasetIterator:
+  def iterator(self, rows: Sequence[int], steps: int,
+               transform: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None) -> grain.DatasetIterator:
     """This process's rows of steps ``0..steps-1`` as a checkpointable Grain iterator (prefetched
-    by threads); restore a position with ``it.set_state(state)``."""
+    by threads); ``transform`` (e.g. the model's host-computed fields) runs in those threads;
+    restore a position with ``it.set_state(state)``."""
     rows = list(rows)
     ds = grain.MapDataset.range(steps).map(lambda s: self.rows(s, rows))
+    if transform is not None:
+      ds = ds.map(transform)
     opts = grain.ReadOptions(num_threads=max(self.cfg.prefetch, 0), prefetch_buffer_size=max(self.cfg.prefetch, 0))
     return iter(ds.to_iter_dataset(opts))
 

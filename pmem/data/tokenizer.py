@@ -49,6 +49,9 @@ class Tokenizer(Protocol):
   def decode(self, ids) -> str:
     """The text of token ids (invalid UTF-8 replaced)."""
 
+  def token_strings(self) -> list[str]:
+    """The raw vocabulary string of each id (byte-level characters, as the BPE vocabulary spells them)."""
+
 
 class ByteTokenizer:
   """Token id = UTF-8 byte value."""
@@ -64,6 +67,12 @@ class ByteTokenizer:
 
   def decode(self, ids) -> str:
     return bytes(np.asarray(ids, np.uint8)).decode("utf-8", errors="replace")
+
+  def token_strings(self) -> list[str]:
+    # GPT-2's byte -> printable character map (the ByteLevel alphabet), in byte order
+    keep = {*range(33, 127), *range(161, 173), *range(174, 256)}
+    extra = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
 
 
 class BPETokenizer:
@@ -87,6 +96,9 @@ class BPETokenizer:
 
   def decode(self, ids) -> str:
     return self.tok.decode([int(i) for i in ids])
+
+  def token_strings(self) -> list[str]:
+    return [self.tok.id_to_token(i) for i in range(self.vocab_size)]
 
 
 def train_bpe(texts, vocab_size: int) -> tokenizers.Tokenizer:

@@ -46,16 +46,12 @@ from pmem.core.registry import SEQUENCE_MIXERS
 from pmem.core.variables import MemoryTable
 from pmem.layers.attention import Attention
 from pmem.layers.init import fan_in_normal
-from pmem.memory import lookup
+from pmem.memory import diagnostics
+from pmem.memory.edit import token_rows
 from pmem.memory.base import TokenContext
 
 MOVE_FEATURE = "move"
 BANKS = ("layer", "shared")
-
-
-def _rows(table: MemoryTable, ids: Int[Array, "..."]) -> Float[Array, "... D"]:
-  """The one table read of this file (row-sparse training swaps what it does)."""
-  return lookup.gather(table, ids)
 
 
 def lave_layers(n_layers: int) -> tuple[int, ...]:
@@ -79,9 +75,9 @@ class MoveBank(nnx.Module):
     self.vocab, self.n_slots, self.width, self.dtype = vocab, n_slots, width, jnp.dtype(dtype)
     self.table = _value_table(rngs.params(), vocab, n_slots * width, d_model)
 
-  def __call__(self, ids: Int[Array, "B T"], ctx: TokenContext | None = None) -> Float[Array, "B T MW"]:
-    del ctx
-    return _rows(self.table, ids).astype(self.dtype)
+  def __call__(self, ids: Int[Array, "B T"], ctx: TokenContext) -> Float[Array, "B T MW"]:
+    diagnostics.usage("move", ids, self.vocab)
+    return token_rows(self.table, ctx).astype(self.dtype)
 
   def cost(self, seq_len: int) -> accounting.Cost:
     return accounting.lookup(self.vocab, self.n_slots * self.width, rows_read=1)
@@ -107,7 +103,8 @@ class MoveAttention(Attention):
   def bank_rows(self, ctx: TokenContext) -> Float[Array, "B T MW"]:
     """``E[x_t]`` for every token, ``[B, T, M·d_v]``."""
     if self.bank_mode == "layer":
-      return _rows(self.bank, ctx.ids)
+      diagnostics.usage("move", ctx.ids, self.vocab)
+      return token_rows(self.bank, ctx)
     if MOVE_FEATURE not in ctx.features:
       raise KeyError(f"MoveAttention(bank='shared') reads the shared bank's rows from "
                      f"ctx.features[{MOVE_FEATURE!r}] (MoveBank), which this context lacks")
@@ -149,7 +146,8 @@ class LaveAttention(Attention):
     dt, (b, t, k, h), c = v.dtype, v.shape, self.gate_channels
     z = x[..., :c].reshape(b * t, c) @ self.w_gate[...].astype(dt)
     g = self.gate_scale * jax.nn.sigmoid(z).reshape(b, t, k, 1)
-    return v + g * _rows(self.table, ctx.ids).astype(dt).reshape(b, t, k, h)
+    diagnostics.usage("lave", ctx.ids, self.vocab)
+    return v + g * token_rows(self.table, ctx).astype(dt).reshape(b, t, k, h)
 
   def cost(self, seq_len: int) -> accounting.Cost:
     k = self.n_kv_heads

@@ -28,16 +28,12 @@ from pmem.core import accounting
 from pmem.core.registry import CHANNEL_MIXERS
 from pmem.core.rules import constrain
 from pmem.core.variables import MemoryTable
-from pmem.memory import lookup
+from pmem.memory import diagnostics
+from pmem.memory.edit import token_rows
 from pmem.memory.base import TokenContext
 
 VARIANTS = ("stem", "replace_gate", "additive")
 SCHEDULES = ("all_but_first", "third", "half", "all")
-
-
-def _rows(table: MemoryTable, ids: Int[Array, "..."]) -> Float[Array, "... D"]:
-  """The one table read of this file (row-sparse training swaps what it does)."""
-  return lookup.gather(table, ids)
 
 
 def trunc_normal(key, shape, std: float, dtype=jnp.float32) -> jax.Array:
@@ -96,7 +92,8 @@ class STEM(nnx.Module):
   def __call__(self, x: Float[Array, "B T D"], ctx: TokenContext) -> Float[Array, "B T D"]:
     dt, (b, t, d) = self.dtype, x.shape
     x2 = x.astype(dt).reshape(b * t, d)  # 2-D matmuls, as SwiGLU
-    u = _rows(self.table, ctx.ids).reshape(b * t, self.d_ff).astype(dt)
+    diagnostics.usage("stem", ctx.ids, self.vocab)
+    u = token_rows(self.table, ctx).reshape(b * t, self.d_ff).astype(dt)  # U[t] (or an edit's rows)
     if self.variant == "stem":
       h = jax.nn.silu(x2 @ self.w_gate[...].astype(dt)) * u
     elif self.variant == "replace_gate":

@@ -1,8 +1,9 @@
 """Decoder-only LM assembled from a per-layer spec.
 
-Each layer is ``x += seq(norm(x)); x += aug_i(norm_i(x))...; x += channel(norm(x))`` where the
-sequence mixer, the channel mixer and any augmenting branches are factories (Fiddle partials
-or registry names). A memory module replaces or augments the FFN of chosen layers through
+Each layer is ``x += pre_i(norm_i(x))...; x += seq(norm(x)); x += aug_i(norm_i(x))...;
+x += channel(norm(x))`` where the sequence mixer, the channel mixer and any extra residual
+branches (``pre`` before the sequence mixer, e.g. Engram; ``augment`` after it) are factories
+(Fiddle partials or registry names). A memory module replaces or augments the FFN of chosen layers through
 :class:`LayerOverride`; this file never changes when a new module is added. Runs of identical
 consecutive layers are stacked and scanned.
 """
@@ -26,6 +27,7 @@ from pmem.core.rules import constrain
 from pmem.layers.embed import Embed
 from pmem.layers.init import fan_in_normal
 from pmem.layers.norms import RMSNorm
+from pmem.memory import diagnostics
 from pmem.memory.base import TokenContext
 
 Factory = Callable[..., nnx.Module] | str
@@ -33,11 +35,13 @@ Factory = Callable[..., nnx.Module] | str
 
 @dataclasses.dataclass(frozen=True)
 class LayerOverride:
-  """Replace the channel/sequence mixer of ``layers`` or add residual branches to them."""
+  """Replace the channel/sequence mixer of ``layers`` or add residual branches to them: ``pre``
+  before the sequence mixer (at the start of the block), ``augment`` after it."""
   layers: tuple[int, ...]
   channel_mixer: Factory | None = None
   sequence_mixer: Factory | None = None
   augment: tuple[Factory, ...] = ()
+  pre: tuple[Factory, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,15 +82,15 @@ def _same(a, b) -> bool:
       len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b)))
 
 
-def layer_specs(cfg: DecoderConfig) -> list[tuple[Factory, Factory, tuple[Factory, ...]]]:
-  """(sequence mixer, channel mixer, augment) for each layer after applying overrides."""
-  specs = [(cfg.sequence_mixer, cfg.channel_mixer, ()) for _ in range(cfg.n_layers)]
+def layer_specs(cfg: DecoderConfig) -> list[tuple[Factory, Factory, tuple[Factory, ...], tuple[Factory, ...]]]:
+  """(sequence mixer, channel mixer, augment, pre) for each layer after applying overrides."""
+  specs = [(cfg.sequence_mixer, cfg.channel_mixer, (), ()) for _ in range(cfg.n_layers)]
   for o in cfg.overrides:
     for i in o.layers:
       if not 0 <= i < cfg.n_layers:
         raise ValueError(f"override names layer {i}; the model has layers 0..{cfg.n_layers - 1}")
-      s, c, a = specs[i]
-      specs[i] = (o.sequence_mixer or s, o.channel_mixer or c, a + tuple(o.augment))
+      s, c, a, p = specs[i]
+      specs[i] = (o.sequence_mixer or s, o.channel_mixer or c, a + tuple(o.augment), p + tuple(o.pre))
   return specs
 
 
@@ -103,10 +107,12 @@ def stages(specs) -> list[tuple[int, int]]:
 class Block(nnx.Module):
 
   def __init__(self, cfg: DecoderConfig, spec, *, rngs: nnx.Rngs):
-    seq, ch, aug = spec
+    seq, ch, aug, pre = spec
     d = cfg.d_model
     out_scale = (2 * cfg.n_layers) ** -0.5
     norm = functools.partial(RMSNorm, d, cfg.norm_eps, implementation=cfg.kernel_impl)
+    self.norm_pre = nnx.List([norm() for _ in pre])
+    self.pre = nnx.List([_resolve(p, CHANNEL_MIXERS)(d_model=d, dtype=cfg.dtype, rngs=rngs) for p in pre])
     self.norm_seq = norm()
     self.seq = _resolve(seq, SEQUENCE_MIXERS)(d_model=d, out_scale=out_scale, dtype=cfg.dtype, rngs=rngs)
     self.norm_aug = nnx.List([norm() for _ in aug])
@@ -115,7 +121,8 @@ class Block(nnx.Module):
     self.ch = _resolve(ch, CHANNEL_MIXERS)(d_model=d, out_scale=out_scale, dtype=cfg.dtype, rngs=rngs)
 
   def __call__(self, x: Float[Array, "B T D"], ctx: TokenContext) -> Float[Array, "B T D"]:
-    norms, mixers = [self.norm_seq, *self.norm_aug, self.norm_ch], [self.seq, *self.aug, self.ch]
+    norms = [*self.norm_pre, self.norm_seq, *self.norm_aug, self.norm_ch]
+    mixers = [*self.pre, self.seq, *self.aug, self.ch]
     h = norms[0](x)
     for i, mixer in enumerate(mixers):
       y = mixer(h, ctx)
@@ -127,7 +134,7 @@ class Block(nnx.Module):
     return constrain(x, ("batch", "length", "embed"))
 
   def cost(self, seq_len: int) -> accounting.Cost:
-    parts = [self.norm_seq, self.seq, self.norm_ch, self.ch, *self.norm_aug, *self.aug]
+    parts = [*self.norm_pre, *self.pre, self.norm_seq, self.seq, self.norm_ch, self.ch, *self.norm_aug, *self.aug]
     return sum((p.cost(seq_len) for p in parts), accounting.Cost())
 
 
@@ -156,6 +163,10 @@ class Stage(nnx.Module):
         x = apply(block, x)
       return x
     graphdef, state = nnx.split(self.blocks)
+    if diagnostics.active():  # unrolled, so values the layers record need not leave a scan
+      for i in range(self.n):
+        x = apply(nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)), x)
+      return x
     x, _ = jax.lax.scan(lambda h, s: (apply(nnx.merge(graphdef, s), h), None), x, state)
     return x
 

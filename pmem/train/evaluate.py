@@ -16,6 +16,7 @@ import numpy as np
 
 from pmem.data import pipeline as pipe
 from pmem.data.tasks import AnswerScore, EvalItem
+from pmem.train.inspect import UsageAccumulator
 
 Score = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]  # global [B, T] batch -> nll, correct
 
@@ -33,6 +34,8 @@ class Evaluator:
   def __init__(self, cfg: EvalConfig, data: pipe.Pipeline, score: Score):
     self.cfg, self.data, self.score = cfg, data, score
     self._valid = None
+    self.usage: UsageAccumulator | None = None  # set while held-out text is scored
+    self.histograms: dict[str, list[int]] = {}  # of the last evaluation (pmem.train.inspect)
 
   def _batches(self, fields: dict[str, np.ndarray]):
     """Score rows in batches of the train batch size, padding the last with masked-out rows."""
@@ -43,6 +46,9 @@ class Evaluator:
       if m < b:
         part = {k: np.concatenate([v, np.zeros((b - m, *v.shape[1:]), v.dtype)]) for k, v in part.items()}
       out = self.score(part)
+      diag = {k: out.pop(k) for k in ("usage", "stats") if k in out}
+      if diag and self.usage is not None:  # padded rows have segment id 0: not counted
+        self.usage.add(diag, part["segment_ids"] > 0)
       yield part, {k: v[:m] for k, v in out.items()}, m
 
   def text(self) -> dict[str, float]:
@@ -53,16 +59,21 @@ class Evaluator:
     n = len(w) if self.cfg.valid_batches is None else min(len(w), self.cfg.valid_batches * b)
     nll = tokens = nbytes = 0.0
     width = self.data.tokenizer.token_bytes
-    for lo in range(0, n, b):
-      fields = w.rows(range(lo, min(lo + b, n)))
-      for part, out, m in self._batches(fields):
-        mask = part["loss_mask"][:m] > 0
-        nll += float(out["nll"][mask].sum())
-        tokens += float(mask.sum())
-        nbytes += float(width[part["targets"][:m][mask]].sum())
+    self.usage = UsageAccumulator()
+    try:
+      for lo in range(0, n, b):
+        fields = w.rows(range(lo, min(lo + b, n)))
+        for part, out, m in self._batches(fields):
+          mask = part["loss_mask"][:m] > 0
+          nll += float(out["nll"][mask].sum())
+          tokens += float(mask.sum())
+          nbytes += float(width[part["targets"][:m][mask]].sum())
+      usage, self.histograms = self.usage.report()
+    finally:
+      self.usage = None
     loss = nll / max(tokens, 1.0)
     return {"valid/loss": loss, "valid/ppl": math.exp(min(loss, 700.0)),
-            "valid/bpb": nll / math.log(2) / max(nbytes, 1.0), "valid/tokens": tokens}
+            "valid/bpb": nll / math.log(2) / max(nbytes, 1.0), "valid/tokens": tokens, **usage}
 
   def answers(self, items: Sequence[EvalItem]) -> list[AnswerScore]:
     """Teacher-forced answer scores of context -> answer probes."""

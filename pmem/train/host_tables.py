@@ -89,9 +89,10 @@ class HostTables:
 
   @classmethod
   def create(cls, tx: optim.Optimizer, abs_params: nnx.State, init_params: Callable[[], nnx.State],
-             batch_ids: int) -> tuple[optim.Optimizer, HostTables | None]:
+             batch_ids: Mapping[str, int]) -> tuple[optim.Optimizer, HostTables | None]:
     """(optimizer knowing the host tables, their store or None): places tables by the device budget
-    and initializes the host ones on the CPU from ``init_params`` (the model's own initializers)."""
+    and initializes the host ones on the CPU from ``init_params`` (the model's own initializers).
+    ``batch_ids``: ids per batch in each batch field, the staging bound unless ``tables.max_unique``."""
     host = placement(tx, abs_params)
     if not host:
       return tx, None
@@ -103,8 +104,9 @@ class HostTables:
     arrays = {}
     for name in host:
       arrays[name] = np.array(values.pop(name))  # a writable copy; the jax buffer is freed
-    max_unique = tx.cfg.tables.max_unique or batch_ids
-    return tx, cls(tx, arrays, {n: v.get_metadata()["index"] for n, (_, v) in tables.items()}, max_unique)
+    index = {n: v.get_metadata()["index"] for n, (_, v) in tables.items()}
+    max_unique = tx.cfg.tables.max_unique or max(batch_ids[f] for f in index.values())
+    return tx, cls(tx, arrays, index, max_unique)
 
   def placeholders(self, params: nnx.State) -> nnx.State:
     """``params`` with each host table replaced by a one-row ``[..., 1, D]`` placeholder (it keeps

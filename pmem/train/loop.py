@@ -20,8 +20,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from pmem.core import accounting, mesh as mesh_lib, rules
 from pmem.core.variables import is_variable
 from pmem.data.pipeline import FIELDS, DataConfig, Pipeline
+from pmem.memory.base import batch_features
 from pmem.models.decoder import Decoder, DecoderConfig
-from pmem.train import checkpoint as ckpt_lib, host_tables, optim, step as step_lib
+from pmem.train import checkpoint as ckpt_lib, host_tables, inspect, optim, sparse, step as step_lib
 from pmem.train.evaluate import EvalConfig, Evaluator
 
 
@@ -105,13 +106,18 @@ class Trainer:
       graphdef, params, rest = nnx.split(model, nnx.Param, ...)
       return graphdef, params, rest, model.cost(t.seq_len)
 
+    # host-computed batch fields of modules that have them (Engram's hashed n-gram ids)
+    self.features = batch_features(nnx.eval_shape(lambda: Decoder(exp.model, rngs=nnx.Rngs(exp.seed))),
+                                   self.data.tokenizer)
+    example = self.featurize({k: np.zeros((1, t.seq_len), np.int32) for k in FIELDS})
+    self.fields = FIELDS + tuple(sorted(example.keys() - set(FIELDS)))
     with jax.set_mesh(self.mesh):
       graphdef, abs_params, abs_rest, self.cost = _abstract(init)
       self.graphdef = graphdef
       # row-sparse tables past tables.device_budget_bytes live on the host (pmem.train.host_tables):
       # placeholders in params, never materialized on the device
       self.tx, self.host = host_tables.HostTables.create(self.tx, abs_params, lambda: init()[1],
-                                                         t.batch_size * t.seq_len)
+                                                         {k: t.batch_size * v.size for k, v in example.items()})
       self.params_total = count_params(abs_params)
       on_device = self.host.placeholders if self.host else (lambda p: p)
       abs_params = on_device(abs_params)
@@ -126,19 +132,22 @@ class Trainer:
       self.state = {"params": params, "rest": rest, "opt": opt,
                     "step": jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(self.mesh, P()))}
       state_sh = jax.tree.map(lambda x: x.sharding, self.state)
-      batch_sh = {k: self.batch_sharding for k in FIELDS} | ({"tables": replicated} if self.host else {})
+      batch_sh = {k: self.batch_sharding for k in self.fields} | ({"tables": replicated} if self.host else {})
       self.step_fn = jax.jit(step_lib.make_train_step(graphdef, self.tx, self.lr, t.z_loss),
                              in_shardings=(state_sh, batch_sh),
                              out_shardings=(state_sh, replicated) + ((replicated,) if self.host else ()),
                              donate_argnums=0)
-      self.score_fn = jax.jit(step_lib.make_score_step(graphdef, self.tx), in_shardings=(state_sh, batch_sh),
+      # models with memory tables report row usage / statistics while scoring (pmem.train.inspect)
+      self.tables = sparse.tables_of(abs_params, lambda name, v: True)
+      self.score_fn = jax.jit(step_lib.make_score_step(graphdef, self.tx, collect=bool(self.tables)),
+                              in_shardings=(state_sh, batch_sh),
                               out_shardings=replicated)
       if self.host:
         self.step_fn, self.score_fn = self.host.train_step(self.step_fn), self.host.score_step(self.score_fn)
     shape = (t.batch_size, t.seq_len)
     index = self.batch_sharding.addressable_devices_indices_map(shape)
     self.rows = sorted({r for idx in index.values() for r in range(*idx[0].indices(shape[0]))})
-    self.it = self.data.iterator(self.rows, t.steps)
+    self.it = self.data.iterator(self.rows, t.steps, self.featurize)
     if self.host:
       self.it = self.host.prefetch(self.it)  # stages the next batch's rows during the step
     self.evaluator = Evaluator(exp.eval, self.data, self.score)
@@ -154,6 +163,10 @@ class Trainer:
         self.start_step = int(meta["data"]["next_step"])
         self.it.set_state(meta["data"]["iterator"])
 
+  def featurize(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``batch`` with the model's host-computed fields added (pmem.memory.base.batch_features)."""
+    return {**batch, **self.features(batch)} if self.features else batch
+
   def to_device(self, local: dict[str, np.ndarray], rows: Sequence[int]) -> dict[str, jax.Array]:
     """The global batch from this process's rows ``rows`` of it; ids are checked here because XLA
     gathers clamp out-of-range ids silently."""
@@ -164,20 +177,39 @@ class Trainer:
     where = {r: i for i, r in enumerate(rows)}
     def array(x):
       pick = lambda idx: x[[where[r] for r in range(*idx[0].indices(shape[0]))]][:, idx[1]]
-      return jax.make_array_from_callback(shape, self.batch_sharding, pick)
-    return {k: array(local[k]) for k in FIELDS}
+      return jax.make_array_from_callback(shape + x.shape[2:], self.batch_sharding, pick)
+    return {k: array(local[k]) for k in self.fields}
 
   def score(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Per-position nll / correct of a global batch held in full by every process."""
     with jax.set_mesh(self.mesh):
-      out = self.score_fn(self.state, self.to_device(batch, range(self.exp.train.batch_size)))
+      out = self.score_fn(self.state, self.to_device(self.featurize(batch), range(self.exp.train.batch_size)))
     return jax.device_get(out)
 
   def evaluate(self) -> dict[str, float]:
     out = self.evaluator.run()
+    if self.tables:
+      out.update(inspect.angular_spread(self.table_samples()))
+      if self.workdir and jax.process_index() == 0 and self.evaluator.histograms:
+        with open(os.path.join(self.workdir, "usage_histograms.json"), "w") as f:
+          json.dump(self.evaluator.histograms, f)
     if "bios/knowledge_bits" in out:  # Physics of LMs 3.3 capacity ratio, over all and active params
       out["bios/bits_per_param"] = out["bios/knowledge_bits"] / self.params_total
       out["bios/bits_per_active_param"] = out["bios/knowledge_bits"] / max(self.cost.active_params, 1)
+    return out
+
+  def table_samples(self) -> dict[str, np.ndarray]:
+    """A fixed sample of rows of every memory table (device or host resident), for inspection."""
+    out = {}
+    for name, (path, v) in self.tables.items():
+      host = self.host is not None and name in self.host.tables
+      n = (self.host.tables[name] if host else v).shape[sparse.row_axis(v)]
+      rows = np.sort(np.random.default_rng(0).choice(n, min(inspect.SPREAD_ROWS, n), replace=False))
+      if host:
+        out[name] = np.take(self.host.tables[name], rows, axis=-2)
+      else:
+        value = dict(nnx.to_flat_state(self.state["params"]))[path].get_value()
+        out[name] = np.asarray(jax.device_get(jnp.take(value, rows, axis=-2)))
     return out
 
   def summary_header(self) -> dict[str, Any]:

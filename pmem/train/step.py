@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import jax
@@ -9,7 +10,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from pmem.memory import lookup
+from pmem.data.pipeline import FIELDS
+from pmem.memory import diagnostics, lookup
 from pmem.memory.base import TokenContext
 from pmem.train import optim, sparse
 
@@ -25,9 +27,16 @@ def lm_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array, z_loss: floa
   return ce_mean + z_loss * z, {"ce": ce_mean, "z": z, "tokens": mask.sum()}
 
 
+def context(batch) -> TokenContext:
+  """The token context of a device batch: every field beyond the pipeline's (and the host tables'
+  staged rows) is a host-computed feature (pmem.memory.base.batch_features)."""
+  features = {k: v for k, v in batch.items() if k not in FIELDS and k != "tables"}
+  return TokenContext(batch["inputs"], batch["positions"], batch["segment_ids"], features)
+
+
 def forward_loss(graphdef: nnx.GraphDef, params, rest, batch, z_loss: float):
   model = nnx.merge(graphdef, params, rest)
-  ctx = TokenContext(batch["inputs"], batch["positions"], batch["segment_ids"])
+  ctx = context(batch)
   logits = model(batch["inputs"], ctx)
   return lm_loss(logits, batch["targets"], batch["loss_mask"], z_loss)
 
@@ -66,21 +75,26 @@ def staged(tx: optim.Optimizer, batch) -> sparse.Staged:
   return {name: (t["rows"], t["slots"], tx.host[name]) for name, t in batch.get("tables", {}).items()}
 
 
-def make_score_step(graphdef: nnx.GraphDef, tx: optim.Optimizer | None = None) -> Callable:
+def make_score_step(graphdef: nnx.GraphDef, tx: optim.Optimizer | None = None, collect: bool = False) -> Callable:
   """``score(state, batch) -> {nll, correct}``: per-position cross-entropy (nats) of the target and
   whether it is the argmax; the evaluator reduces them over loss masks or answer spans. Host
-  tables (``tx.host``) are read from the rows staged in ``batch["tables"]``."""
+  tables (``tx.host``) are read from the rows staged in ``batch["tables"]``. With ``collect`` the
+  output also holds what modules reported to :mod:`pmem.memory.diagnostics`: ``usage`` ({name:
+  [(ids, num_rows), ...]}) and ``stats`` ({name: [values, ...]}), one entry per reporting layer."""
 
   def score(state, batch):
     params = state["params"]
     if tx is not None and tx.host:
       params = sparse.tapped(params, lambda name, v: name in tx.host, staged(tx, batch))
     model = nnx.merge(graphdef, params, state["rest"])
-    ctx = TokenContext(batch["inputs"], batch["positions"], batch["segment_ids"])
-    with lookup.reads(record=True):
-      logits = model(batch["inputs"], ctx).astype(jnp.float32)
+    with lookup.reads(record=True), diagnostics.collect() if collect else contextlib.nullcontext() as got:
+      logits = model(batch["inputs"], context(batch)).astype(jnp.float32)
     target = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-    return {"nll": jax.nn.logsumexp(logits, axis=-1) - target,
-            "correct": jnp.argmax(logits, axis=-1) == batch["targets"]}
+    out = {"nll": jax.nn.logsumexp(logits, axis=-1) - target,
+           "correct": jnp.argmax(logits, axis=-1) == batch["targets"]}
+    if collect:
+      out["usage"] = {k: [(ids, jnp.asarray(n)) for ids, n in v] for k, v in got.usage.items()}
+      out["stats"] = got.stats
+    return out
 
   return score

@@ -1,0 +1,4 @@
+from experiments import grid
+from experiments.engram import GRID
+
+grid.main(GRID)

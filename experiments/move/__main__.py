@@ -1,0 +1,4 @@
+from experiments import grid
+from experiments.move import GRID
+
+grid.main(GRID)
