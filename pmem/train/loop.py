@@ -106,14 +106,14 @@ class Trainer:
       graphdef, params, rest = nnx.split(model, nnx.Param, ...)
       return graphdef, params, rest, model.cost(t.seq_len)
 
-    # host-computed batch fields of modules that have them (Engram's hashed n-gram ids)
-    self.features = batch_features(nnx.eval_shape(lambda: Decoder(exp.model, rngs=nnx.Rngs(exp.seed))),
-                                   self.data.tokenizer)
-    example = self.featurize({k: np.zeros((1, t.seq_len), np.int32) for k in FIELDS})
-    self.fields = FIELDS + tuple(sorted(example.keys() - set(FIELDS)))
     with jax.set_mesh(self.mesh):
       graphdef, abs_params, abs_rest, self.cost = _abstract(init)
       self.graphdef = graphdef
+      # host-computed batch fields of modules that have them (Engram's hashed n-gram ids), read
+      # from the abstract model's static attributes
+      self.features = batch_features(nnx.merge(graphdef, abs_params, abs_rest), self.data.tokenizer)
+      example = self.featurize({k: np.zeros((1, t.seq_len), np.int32) for k in FIELDS})
+      self.fields = FIELDS + tuple(sorted(example.keys() - set(FIELDS)))
       # row-sparse tables past tables.device_budget_bytes live on the host (pmem.train.host_tables):
       # placeholders in params, never materialized on the device
       self.tx, self.host = host_tables.HostTables.create(self.tx, abs_params, lambda: init()[1],
