@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from configs import cli
+from pmem.core.runtime import reexec_with_tuned_malloc
 from pmem.data import pipeline as pipe
 from pmem.data.tasks.bios import ATTRIBUTES
 from pmem.memory import edit, lookup
@@ -154,4 +155,5 @@ def evaluate_edits(trainer: Trainer, n_edits: int, mode: str = "auto") -> dict:
 
 
 if __name__ == "__main__":
+  reexec_with_tuned_malloc()
   main()

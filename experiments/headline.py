@@ -9,6 +9,7 @@ Takes the grid options (``--seeds``, ``--steps``, ``--quick``, ``--only``, ``--c
 from __future__ import annotations
 
 from experiments import grid
+from pmem.core.runtime import reexec_with_tuned_malloc
 
 MEMORY = {
     "stem": ("fiddler:stem",),
@@ -34,4 +35,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+  reexec_with_tuned_malloc()
   main()

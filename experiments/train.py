@@ -8,6 +8,8 @@ import sys
 
 from absl import app, flags, logging
 
+from pmem.core.runtime import reexec_with_tuned_malloc
+
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("config", [], "config:NAME, fiddler:NAME[(k=v)], set:PATH=VALUE; applied in order")
 flags.DEFINE_string("workdir", None, "output directory")
@@ -61,4 +63,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  reexec_with_tuned_malloc()
   app.run(main)

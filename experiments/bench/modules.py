@@ -30,6 +30,7 @@ import numpy as np
 import configs
 from configs import cli
 from configs.match import flops_per_token
+from pmem.core.runtime import reexec_with_tuned_malloc
 from pmem.train.loop import Trainer
 
 MODULES = (("stem_tiny", "stem"), ("move_tiny", "move"), ("lave_tiny", "lave"), ("engram_tiny", "engram"),
@@ -118,4 +119,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  reexec_with_tuned_malloc()
   main()

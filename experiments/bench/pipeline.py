@@ -15,6 +15,7 @@ import fiddle as fdl
 from absl import app, flags
 
 from configs import cli
+from pmem.core.runtime import reexec_with_tuned_malloc
 from pmem.data.pipeline import Pipeline
 
 FLAGS = flags.FLAGS
@@ -54,4 +55,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  reexec_with_tuned_malloc()
   app.run(main)

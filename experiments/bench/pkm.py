@@ -8,8 +8,9 @@ weight decay, no clipping). pmem updates the value table either ``dense`` (optax
 gradient, as torch) or ``row_sparse`` (``pmem.train.sparse``: touched rows only, lazy Adam). Per
 size (2^16, 2^18, 2^20 slots) and value update a fresh subprocess alternates pmem and lucidrains,
 one step each after warm-up, and reports medians; a size whose tables, gradients and Adam moments
-would not fit in the available memory is skipped. Processes run with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``
-(transparent huge pages for both frameworks' buffers) unless ``--no-thp``.
+would not fit in the available memory is skipped. Both frameworks run in the same environment: pmem's
+malloc tunables (``pmem.core.runtime``) plus ``glibc.malloc.hugetlb=1`` (transparent huge pages)
+unless ``--no-thp``.
 
   python -m experiments.bench.pkm --out FILE.json [--quick] [--steps 5] [--max-log2 20]
 
@@ -34,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from experiments.bench.common import ROOT, TorchWorker, available_bytes
+from pmem.core import runtime
 from pmem.memory.base import TokenContext
 from pmem.memory.pkm import PKM
 from pmem.train import optim, sparse
@@ -111,7 +113,7 @@ def main() -> None:
   ap.add_argument("--steps", type=int, default=5, help="timed steps per implementation (>= 5)")
   ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--max-log2", type=int, default=20, help="largest table, log2 of the slots (even)")
-  ap.add_argument("--no-thp", action="store_true", help="no GLIBC_TUNABLES=glibc.malloc.hugetlb=1")
+  ap.add_argument("--no-thp", action="store_true", help="without glibc.malloc.hugetlb=1")
   ap.add_argument("--oracle_python",
                   default=os.environ.get("PMEM_ORACLE_PYTHON", str(ROOT / ".venv-oracle/bin/python")))
   ap.add_argument("--one", nargs=2, metavar=("LOG2", "UPDATE"), help=argparse.SUPPRESS)
@@ -121,7 +123,9 @@ def main() -> None:
     return
   if not a.out:
     ap.error("--out is required")
-  env = os.environ if a.no_thp else {**os.environ, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+  env = runtime.tuned_env()
+  if not a.no_thp:
+    env["GLIBC_TUNABLES"] = ":".join(filter(None, (env.get("GLIBC_TUNABLES"), "glibc.malloc.hugetlb=1")))
   records, rows = [], []
   for log2 in range(16, (16 if a.quick else a.max_log2) + 1, 2):
     for update in UPDATES:

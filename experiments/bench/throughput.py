@@ -24,6 +24,7 @@ from flax import nnx
 
 from configs.base import experiment
 from experiments.bench.common import ROOT, TorchWorker
+from pmem.core.runtime import reexec_with_tuned_malloc
 from pmem.models.decoder import Decoder
 from pmem.models.llama_compat import hf_config
 from pmem.train.loop import Trainer
@@ -98,4 +99,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  reexec_with_tuned_malloc()
   main()
