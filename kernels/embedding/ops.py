@@ -48,6 +48,7 @@ class _Backend(NamedTuple):
   bag_reduce: Callable
   compact_rows: Callable
   dense_grad: Callable
+  weight_grad: Callable  # (table, idx [S, k], g [S, D]) -> float32 [S, k]
 
 
 def _compact(be: _Backend, idx, weights, g, num_rows: int) -> CompactGrad:
@@ -67,7 +68,7 @@ def _compact(be: _Backend, idx, weights, g, num_rows: int) -> CompactGrad:
 def _backend(name: str) -> _Backend:
   m = importlib.import_module(f"kernels.embedding.{name}")
   if name == "xla":
-    return _Backend(m.bag_reduce, m.compact_rows, m.dense_grad)
+    return _Backend(m.bag_reduce, m.compact_rows, m.dense_grad, m.weight_grad)
   seg_reduce = m.segment_reduce
 
   def bag_reduce(src, idx, weights):
@@ -83,14 +84,13 @@ def _backend(name: str) -> _Backend:
   def dense_grad(idx, weights, g, num_rows):
     return _compact(be, idx, weights, g, num_rows).to_dense(num_rows)
 
-  be = _Backend(bag_reduce, compact_rows, dense_grad)  # dense_grad's _compact uses this backend
+  def weight_grad(table, idx, g):
+    s, k = idx.shape
+    rows = bag_reduce(table, idx.reshape(-1, 1), None).reshape(s, k, -1)
+    return (rows.astype(f32) * g[:, None, :].astype(f32)).sum(-1)
+
+  be = _Backend(bag_reduce, compact_rows, dense_grad, weight_grad)  # dense_grad's _compact uses this backend
   return be
-
-
-def _weight_grad(be: _Backend, table, idx, g):
-  s, k = idx.shape
-  rows = be.bag_reduce(table, idx.reshape(-1, 1), None).reshape(s, k, -1)
-  return (rows.astype(f32) * g[:, None, :].astype(f32)).sum(-1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -106,7 +106,7 @@ def _lookup_bwd(name, num_rows, res, g):
   table, idx, weights = res
   be = _backend(name)
   dtable = be.dense_grad(idx, weights, g, num_rows)
-  dweights = None if weights is None else _weight_grad(be, table, idx, g).astype(weights.dtype)
+  dweights = None if weights is None else be.weight_grad(table, idx, g).astype(weights.dtype)
   return dtable, None, dweights
 
 
@@ -167,5 +167,5 @@ def embedding_bag_compact_vjp(table: Float[Array, "V D"], ids: Int[Array, "... k
   idx, name = _prepare(table, ids, implementation, mode)
   k, be = ids.shape[-1], _backend(name)
   idx, w, g2 = idx.reshape(-1, k), weights.reshape(-1, k), g.reshape(-1, g.shape[-1])
-  dw = _weight_grad(be, table, idx, g2).astype(weights.dtype).reshape(weights.shape)
+  dw = be.weight_grad(table, idx, g2).astype(weights.dtype).reshape(weights.shape)
   return _compact(be, idx, w, g2, table.shape[0]), dw
