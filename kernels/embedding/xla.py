@@ -29,11 +29,12 @@ def check(d: int, dtype) -> None:
 
 def _blocked(f: Callable, idx, *per_row, d: int, carry=None):
   """``f(carry, idx_block, *blocks) -> (carry, out_block)`` over blocks of rows of ``idx [S, k]`` and
-  the ``per_row`` arrays; one call when the bag is small. Padded rows read an out-of-range id
-  (nothing) with zero weights / cotangents. Returns (carry, out [S, ...])."""
+  the ``per_row`` arrays; one call for a gather (k = 1: nothing ``[S, k, D]`` to avoid) or a small
+  bag. Padded rows read an out-of-range id (nothing) with zero weights / cotangents. Returns
+  (carry, out [S, ...])."""
   s, k = idx.shape
   bs = max(1, BLOCK_ELEMENTS // (k * d))
-  if bs >= s:
+  if k == 1 or bs >= s:
     return f(carry, idx, *per_row)
   nb = -(-s // bs)
   pad = lambda x, v: jnp.pad(x, [(0, nb * bs - s)] + [(0, 0)] * (x.ndim - 1), constant_values=v)  # noqa: E731
@@ -79,8 +80,6 @@ def compact_rows(g, order, seg, ok, weights):
 
 def dense_grad(idx, weights, g, num_rows: int):
   """d table of ``bag_reduce`` for cotangent g [S, D]: the scatter-add of the (weighted) g rows."""
-  if weights is None:
-    weights = jnp.ones(idx.shape, f32)
   add = lambda t, i, w, gg: (t.at[i.reshape(-1)].add(_entries(gg, w), mode="drop"), None)  # noqa: E731
   dense = _blocked(add, idx, weights, g, d=g.shape[-1], carry=jnp.zeros((num_rows, g.shape[-1]), f32))[0]
   return dense.astype(g.dtype)
