@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from kernels import (common, embedding_bag, embedding_bag_compact_vjp, embedding_gather, embedding_gather_compact_vjp,
                      fused_add_rmsnorm)
 
-IMPLS = ("xla", "pallas_tpu", "pallas_gpu", "triton")
+IMPLS = ("xla", "native", "pallas_tpu", "pallas_gpu", "triton")
 SIZES = {  # name -> (gather V, D, N; bag S, k; norm rows, D)
     "quick": dict(v=1 << 16, d=256, n=1 << 14, s=1 << 12, k=8, rows=1 << 13, dn=1024),
     "full": dict(v=1 << 18, d=512, n=1 << 16, s=1 << 14, k=8, rows=1 << 14, dn=2048),

@@ -7,6 +7,7 @@
 - ``"pallas_gpu"``: Pallas Mosaic GPU kernel (``plgpu.kernel``); compiled on GPU, interpreted on CPU.
 - ``"triton"``: Triton kernel called through jax-triton; GPU only, needs ``pip install 'pmem[gpu]'``.
 - ``"pallas"``: this platform's Pallas kernel (TPU: pallas_tpu, GPU: pallas_gpu, CPU: pallas_tpu interpreted).
+- ``"native"``: a C++ kernel called through the XLA FFI (``kernels/native``); CPU only, built on first use.
 - ``"auto"``: the first of :data:`AUTO` [platform] that the op has and that can run.
 
 Only ``"auto"`` falls back; naming an implementation that cannot run raises :class:`Unavailable`.
@@ -20,10 +21,10 @@ from typing import Any
 import jax
 import numpy as np
 
-IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_tpu", "pallas_gpu", "triton")
-AUTO = {"tpu": ("pallas_tpu", "xla"), "gpu": ("triton", "pallas_gpu", "xla"), "cpu": ("xla",)}
+IMPLEMENTATIONS = ("auto", "xla", "native", "pallas", "pallas_tpu", "pallas_gpu", "triton")
+AUTO = {"tpu": ("pallas_tpu", "xla"), "gpu": ("triton", "pallas_gpu", "xla"), "cpu": ("native", "xla")}
 PALLAS = {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cpu": "pallas_tpu"}
-RUNS_ON = {"xla": ("cpu", "gpu", "tpu"), "pallas_tpu": ("tpu", "cpu"), "pallas_gpu": ("gpu", "cpu"),
+RUNS_ON = {"xla": ("cpu", "gpu", "tpu"), "native": ("cpu",), "pallas_tpu": ("tpu", "cpu"), "pallas_gpu": ("gpu", "cpu"),
            "triton": ("gpu",)}
 
 

@@ -30,7 +30,8 @@ def final_state(work, step=STEPS):
     return m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
 
 
-@pytest.mark.parametrize("mesh", [(1, 1, 1), (2, 2, 2)])
+# the one-device case runs in `make test-slow` (CI time); the 2x2x2 mesh resumes sharded state
+@pytest.mark.parametrize("mesh", [pytest.param((1, 1, 1), marks=pytest.mark.slow), (2, 2, 2)])
 def test_sigkill_and_resume_is_bitwise(tmp_path, mesh):
   args = ["-m", "experiments.train", "--config", "config:tiny", "--config", f"set:train.steps={STEPS}",
           "--config", "set:checkpoint.every=4", "--config", "set:eval.valid_batches=0"]

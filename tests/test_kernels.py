@@ -1,4 +1,5 @@
-"""kernels/: every Pallas kernel (interpret mode on CPU) against the XLA reference and plain jnp.
+"""kernels/: every Pallas kernel (interpret mode on CPU) and native CPU kernel against the XLA
+reference and plain jnp.
 
 pallas_tpu runs under ``interpret=True`` (and once under the TPU-semantics interpreter, which checks
 DMAs, semaphores and races); pallas_gpu under the Mosaic GPU interpreter. Compiled GPU kernels
@@ -19,14 +20,20 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.test_util import check_grads
 
 from kernels import (Unavailable, bench, common, embedding_bag, embedding_bag_compact_vjp, embedding_gather,
-                     embedding_gather_compact_vjp, fused_add_rmsnorm, gpu_check)
+                     embedding_gather_compact_vjp, fused_add_rmsnorm, gpu_check, native, product_topk)
+from kernels.embedding import native as emb_native
+from kernels.embedding import xla as emb_xla
 from kernels.embedding import pallas_tpu as emb_tpu
 from kernels.rmsnorm import pallas_tpu as norm_tpu
 from kernels.rmsnorm import xla as norm_xla
 
 IMPLS = ("xla", "pallas_tpu", "pallas_gpu")
+EMB_IMPLS = (*IMPLS, "native")
 DTYPES = (jnp.float32, jnp.bfloat16)
 BACKEND = jax.default_backend()
+NATIVE = None if BACKEND != "cpu" else native.available()  # None: the native kernels built and loaded
+needs_native = pytest.mark.skipif(BACKEND != "cpu" or NATIVE is not None,
+                                  reason=f"native CPU kernels: {NATIVE or 'CPU backend only'}")
 cpu_only = pytest.mark.skipif(BACKEND != "cpu", reason="checks the CPU choices (auto -> xla, Pallas interpreted)")
 gpu_only = pytest.mark.skipif(BACKEND != "gpu", reason="compiled Mosaic GPU / Triton kernels need a GPU backend "
                                                        "(on CPU pallas_gpu is covered in interpret mode)")
@@ -37,7 +44,13 @@ EMB_CASES = [(1, 128, (5,), 1), (300, 256, (2, 12), 8), (37, 128, (3, 5), 37)]
 def emb_cases(impl, dtype):
   """Every case for xla; fewer for the interpreters, which take about a second to compile a kernel
   (and the Mosaic GPU one tens of ms per program; the gpu_check dry run covers it at bf16 too)."""
-  if impl == "xla":
+  if impl == "native" and (BACKEND != "cpu" or NATIVE is not None):
+    pytest.skip(f"native CPU kernels: {NATIVE or 'CPU backend only'}")
+  if impl == "native" and dtype != jnp.float32:
+    with pytest.raises(Unavailable, match="float32 tables"):
+      embedding_bag(jnp.zeros((4, 8), dtype), jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2)), implementation=impl)
+    return []
+  if impl in ("xla", "native"):
     return EMB_CASES
   if impl == "pallas_tpu":
     return EMB_CASES[:2] if dtype == jnp.float32 else EMB_CASES[1:2]
@@ -70,7 +83,7 @@ def f32_dot(y, g):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", EMB_IMPLS)
 def test_gather_forward_and_gradients(impl, dtype):
   @jax.jit
   def run(table, ids, g):  # one compile per shape: forward, compact gradient, dense gradient
@@ -99,7 +112,7 @@ def bag_ref(table, ids, w):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", EMB_IMPLS)
 def test_bag_forward_and_gradients(impl, dtype):
   @jax.jit
   def run(table, ids, w, g):
@@ -124,7 +137,6 @@ def test_bag_forward_and_gradients(impl, dtype):
 def test_xla_bag_in_row_blocks_equals_one_block(monkeypatch, dtype):
   """Large bags run as a scan over blocks of rows (here 3 rows per block, 7 rows: one padded block):
   same output and weight gradient as one block, and bitwise the same dense table gradient."""
-  from kernels.embedding import xla as emb_xla
   rng, table, ids, _ = data(0, 50, 128, (7, 6), 50, dtype)
   ids = ids.at[0, 0].set(60)  # an out-of-range id reads nothing, in either form
   w = jnp.asarray(rng.normal(size=ids.shape), jnp.float32)
@@ -143,7 +155,7 @@ def test_xla_bag_in_row_blocks_equals_one_block(monkeypatch, dtype):
   close(whole[0], bag_ref(table, jnp.where(ids < 50, ids, 0), jnp.where(ids < 50, w, 0.0)), dtype)
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas_tpu"])
+@pytest.mark.parametrize("impl", ["xla", "pallas_tpu", pytest.param("native", marks=needs_native)])
 def test_check_grads_embedding_bag(impl):
   rng, table, ids, _ = data(0, 11, 128, (3, 4), 11, jnp.float32)
   w = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
@@ -151,7 +163,7 @@ def test_check_grads_embedding_bag(impl):
               atol=1e-2, rtol=1e-2)
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas_tpu", "pallas_gpu"])
+@pytest.mark.parametrize("impl", ["xla", "pallas_tpu", "pallas_gpu", pytest.param("native", marks=needs_native)])
 def test_out_of_range_ids(impl):
   v = 6
   _, table, _, _ = data(0, v, 128, (1,), v, jnp.float32)
@@ -173,6 +185,61 @@ def test_out_of_range_ids(impl):
   np.testing.assert_array_equal(cg.to_dense(v), scatter_add(v, jnp.asarray([1, 2, 2]), jnp.ones((3, 128))))
   with pytest.raises(ValueError, match="mode must be one of"):
     embedding_gather(table, ids[:1], mode="wrap")
+
+
+@needs_native
+def test_native_bag_equals_xla_at_pkm_scale():
+  """A PKM-sized bag (many rows per output, duplicates, out-of-range ids) in the native kernels: forward
+  and weight gradient as XLA's within float32 rounding, the dense table gradient bit for bit (the
+  same additions in the same order)."""
+  rng, table, ids, _ = data(3, 1000, 96, (257, 40), 1000, jnp.float32)
+  idx = ids.at[5, :7].set(1000).at[9, 3].set(1000)  # the ops' "no row" id
+  w = jnp.asarray(rng.normal(size=idx.shape), jnp.float32)
+  g = jnp.asarray(rng.normal(size=(257, 96)), jnp.float32)
+  ref = jax.jit(lambda: (emb_xla.bag_reduce(table, idx, w), emb_xla.weight_grad(table, idx, g),
+                         emb_xla.dense_grad(idx, w, g, 1000)))()
+  out, wgrad, (dtable, dw) = jax.jit(lambda: (emb_native.bag_reduce(table, idx, w), emb_native.weight_grad(table, idx, g),
+                                              emb_native.grads(table, idx, w, g, 1000)))()
+  close(out, ref[0], jnp.float32)
+  close(wgrad, ref[1], jnp.float32)
+  np.testing.assert_array_equal(dw, wgrad)  # the fused pass takes the same dot products
+  assert not np.asarray(dw)[5, :7].any()
+  np.testing.assert_array_equal(dtable, ref[2])
+
+
+@cpu_only
+def test_native_without_a_compiler_falls_back_under_auto_only(monkeypatch, tmp_path):
+  monkeypatch.setenv("CXX", "no-such-compiler")
+  monkeypatch.setenv("PMEM_CACHE", str(tmp_path))
+  native.library.cache_clear()
+  native.available.cache_clear()
+  try:
+    with pytest.warns(UserWarning, match="no-such-compiler"):
+      assert common.select("kernels.embedding", "auto", 256, jnp.float32)[0] == "xla"
+    with pytest.raises(Unavailable, match="no-such-compiler"):  # named: an error, never a silent fallback
+      product_topk(jnp.zeros((2, 8)), jnp.zeros((2, 8)), 2, implementation="native")
+  finally:
+    native.library.cache_clear()
+    native.available.cache_clear()
+
+
+@pytest.mark.parametrize("impl", ["xla", pytest.param("native", marks=needs_native)])
+def test_product_topk_equals_brute_force_and_breaks_ties_like_xla(impl):
+  rng = np.random.default_rng(6)
+  for n, k in ((64, 16), (8, 8), (32, 1)):  # k = n: every pair of ranks is a candidate in principle
+    s = rng.normal(size=(2, 300, n)).astype(np.float32)
+    scores, slots = jax.jit(lambda s: product_topk(s[0], s[1], k, implementation=impl))(jnp.asarray(s))
+    full = (s[0, :, :, None].astype(np.float64) + s[1, :, None, :]).reshape(300, -1)
+    want = np.argsort(-full, -1)[:, :k]
+    np.testing.assert_array_equal(np.asarray(slots), want)
+    np.testing.assert_allclose(np.asarray(scores), np.take_along_axis(full, want, -1), rtol=1e-6)
+  # small integers: many equal scores and equal sums; every implementation orders them as lax.top_k
+  s = jnp.asarray(rng.integers(-3, 4, size=(2, 500, 32)), jnp.float32)
+  got, ref = (jax.jit(lambda s, i=i: product_topk(s[0], s[1], 8, implementation=i))(s) for i in (impl, "xla"))
+  np.testing.assert_array_equal(got[1], ref[1])
+  np.testing.assert_array_equal(got[0], ref[0])
+  g = jax.grad(lambda a, b: product_topk(a, b, 8, implementation=impl)[0].sum(), (0, 1))(s[0], s[1])
+  assert float(g[0].sum()) == float(g[1].sum()) == 500 * 8  # scores are differentiable in both halves
 
 
 def test_tpu_segment_reduce_in_tpu_semantics_interpreter():
@@ -262,7 +329,9 @@ def test_kernels_lower_for_their_hardware(impl, platform):
 
 @cpu_only
 def test_implementation_names_and_fallback():
-  assert common.select("kernels.rmsnorm", "auto", 256, jnp.float32)[0] == "xla"
+  assert common.select("kernels.rmsnorm", "auto", 256, jnp.float32)[0] == "xla"  # no native rmsnorm
+  assert common.select("kernels.embedding", "auto", 256, jnp.float32)[0] == ("native" if NATIVE is None else "xla")
+  assert common.select("kernels.embedding", "auto", 256, jnp.bfloat16)[0] == "xla"  # native takes float32
   assert common.select("kernels.embedding", "pallas", 256, jnp.float32)[0] == "pallas_tpu"
   with pytest.raises(ValueError, match="unknown implementation 'palas'"):
     fused_add_rmsnorm(*norm_data((2, 128), jnp.float32)[:3], implementation="palas")

@@ -15,7 +15,8 @@ from flax import nnx
 from configs import cli
 from pmem.core.variables import MemoryTable
 from pmem.memory import diagnostics
-from pmem.memory.pkm import PKM, VALUES_FEATURE, MemoryPlus, PKMValues, candidate_pairs, product_topk
+from kernels import candidate_pairs
+from pmem.memory.pkm import PKM, VALUES_FEATURE, MemoryPlus, PKMValues
 from pmem.models import Decoder
 from pmem.train import optim, sparse
 from pmem.train.loop import Trainer
@@ -172,18 +173,12 @@ def test_matches_lucidrains_pkm(tmp_path):
 # ------------------------------------------------------------------------------ retrieval and gradients
 
 
-def test_topk_is_the_brute_force_topk_over_all_slots():
-  rng = np.random.default_rng(6)
-  for n, k in ((64, 16), (8, 8), (32, 1)):  # k = n: every pair of ranks is a candidate in principle
-    s = rng.normal(size=(300, 2, n)).astype(np.float32)
-    scores, slots = jax.jit(lambda s: product_topk(s[:, 0], s[:, 1], k))(jnp.asarray(s))
-    full = (s[:, 0, :, None].astype(np.float64) + s[:, 1, None, :]).reshape(300, -1)
-    want = np.argsort(-full, -1)[:, :k]
-    np.testing.assert_array_equal(np.asarray(slots), want)
-    np.testing.assert_allclose(np.asarray(scores), np.take_along_axis(full, want, -1), rtol=1e-6)
+@pytest.mark.parametrize("implementation", ["xla", "auto"])  # auto: native on CPU (test_kernels covers the op)
+def test_topk_is_the_brute_force_topk_over_all_slots(implementation):
+  for k in (16, 8, 1):
     assert len(candidate_pairs(k)[0]) == sum(k // i for i in range(1, k + 1))  # (i+1)(j+1) <= k
   # through the module: query projection, norm and both sub-key sets
-  m = memory(MemoryPlus, seed=7, qk_norm=True)
+  m = memory(MemoryPlus, seed=7, qk_norm=True, implementation=implementation)
   x, _ = inputs(7)
   sc, sl = jax.jit(lambda g, st, x: nnx.merge(g, st).retrieve(x))(*nnx.split(m), jnp.asarray(x, jnp.float32))
   ref_sc, ref_sl = brute_topk_np(all_slot_scores_np(x, weights_np(m), "layernorm", True))

@@ -16,8 +16,8 @@ from pmem.train.loop import Trainer
 STEPS = 6
 
 
-def tiny_losses(tmp_path, data=1, fsdp=1, tensor=1, *extra) -> list[float]:
-  cfg = cli.build_config(["config:tiny", f"set:train.steps={STEPS}", "set:train.progress=False",
+def tiny_losses(tmp_path, data=1, fsdp=1, tensor=1, *extra, config="tiny") -> list[float]:
+  cfg = cli.build_config([f"config:{config}", f"set:train.steps={STEPS}", "set:train.progress=False",
                           f"set:mesh.data={data}", f"set:mesh.fsdp={fsdp}", f"set:mesh.tensor={tensor}", *extra])
   work = tmp_path / f"{data}{fsdp}{tensor}"
   Trainer(fdl.build(cfg), str(work)).run()
@@ -70,3 +70,12 @@ def test_batch_not_divisible_by_data_axes_is_an_error():
   cfg = cli.build_config(["config:tiny", "set:train.batch_size=6", "set:mesh.data=4"])
   with pytest.raises(ValueError, match="divisible by mesh.data"):
     Trainer(fdl.build(cfg), None)
+
+
+@pytest.mark.slow
+def test_pkm_on_a_mesh_equals_one_device(tmp_path):
+  """PKM with the native CPU top-k and bag (XLA FFI calls inside the partitioned step) trains the same
+  on a 2x2x2 mesh as on one device."""
+  one = tiny_losses(tmp_path, 1, 1, 1, "set:eval.valid_batches=0", config="pkm_tiny")
+  mesh = tiny_losses(tmp_path, 2, 2, 2, "set:eval.valid_batches=0", config="pkm_tiny")
+  np.testing.assert_allclose(mesh, one, rtol=1e-4)

@@ -120,6 +120,23 @@ RANDOM_IDS = [np.random.default_rng(i).integers(0, 64, (5, 7)) for i in range(4)
 ALL_ROWS = [np.random.default_rng(i).permutation(np.repeat(np.arange(64), 2)).reshape(8, 16) for i in range(4)]
 
 
+def test_compact_rows_hold_at_most_the_table_rows():
+  """More reads than table rows: min(N, V) slots; every row touched plus unread probes (-1) and ids
+  past the table, whose run would be slot V, are dropped."""
+  ids = jnp.asarray([3, -1, 0, 2, 3, 7, 1, 0, 2, 3], jnp.int32)
+  g = jnp.asarray(np.random.default_rng(0).normal(size=(10, 5)), jnp.float32)
+  r = jax.jit(sparse.compact, static_argnums=2)(ids, g, 4)
+  assert r.ids.shape == (4,) and r.rows.shape == (4, 5)
+  np.testing.assert_array_equal(r.ids, [0, 1, 2, 3])
+  want = np.zeros((4, 5), np.float32)
+  for i, row in zip(np.asarray(ids), np.asarray(g)):
+    if 0 <= i < 4:
+      want[i] += row
+  np.testing.assert_array_equal(r.rows, want)  # occurrence order: the same float32 sums
+  wide = sparse.compact(ids[:3], g[:3], 4)  # fewer reads than rows: N slots, padding V
+  np.testing.assert_array_equal(wide.ids, [0, 3, 4])
+
+
 @pytest.mark.parametrize("clip", [None, 0.5])
 @pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "adagrad_rowwise"])
 def test_row_sparse_equals_dense_exactly_for_sgd_and_adagrad(optimizer, clip):

@@ -7,10 +7,12 @@ random target, backward, and an Adam step of every parameter (lr 1e-3, betas 0.9
 weight decay, no clipping). pmem updates the value table either ``dense`` (optax on a table-sized
 gradient, as torch) or ``row_sparse`` (``pmem.train.sparse``: touched rows only, lazy Adam). Per
 size (2^16, 2^18, 2^20 slots) and value update a fresh subprocess alternates pmem and lucidrains,
-one step each after warm-up, and reports medians; a size whose tables, gradients and Adam moments
-would not fit in the available memory is skipped. Both frameworks run in the same environment: pmem's
-malloc tunables (``pmem.core.runtime``) plus ``glibc.malloc.hugetlb=1`` (transparent huge pages)
-unless ``--no-thp``.
+one step each after warm-up, each step after a pause of ``PAUSE_S`` (torch's OpenMP workers spin for
+a while after a step, which slowed whichever step came next), and reports medians; a size whose
+tables, gradients and Adam moments would not fit in the available memory is skipped. pmem runs its
+default kernels (``implementation="auto"``: on CPU the native C++ bag and product top-k). Both
+frameworks run under pmem's malloc tunables (``pmem.core.runtime``) plus ``glibc.malloc.hugetlb=1``
+(transparent huge pages) unless ``--no-thp``.
 
   python -m experiments.bench.pkm --out FILE.json [--quick] [--steps 5] [--max-log2 20]
 
@@ -42,6 +44,7 @@ from pmem.train import optim, sparse
 
 D, B, T, HEADS, TOPK, DIM_HEAD, LR = 256, 16, 256, 4, 32, 128, 1e-3
 UPDATES = ("dense", "row_sparse")
+PAUSE_S = 0.5
 
 
 def _inputs() -> tuple[np.ndarray, np.ndarray]:
@@ -96,6 +99,7 @@ def measure(log2: int, update: str, steps: int, warmup: int, python: str) -> lis
   try:
     for i in range(warmup + steps):
       for k, f in steppers.items():
+        time.sleep(PAUSE_S)  # the other framework's threads go idle (torch's OpenMP workers spin after a step)
         s = f()
         if i >= warmup:
           times[k].append(s)

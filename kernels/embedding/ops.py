@@ -47,8 +47,15 @@ class CompactGrad(NamedTuple):
 class _Backend(NamedTuple):
   bag_reduce: Callable
   compact_rows: Callable
-  dense_grad: Callable
+  grads: Callable  # (table, idx [S, k], weights | None, g [S, D], num_rows) -> (dtable, float32 dweights | None)
   weight_grad: Callable  # (table, idx [S, k], g [S, D]) -> float32 [S, k]
+
+
+def grads_of(dense_grad: Callable, weight_grad: Callable) -> Callable:
+  """A backend's ``grads`` from its dense table gradient and its weight gradient."""
+  def grads(table, idx, weights, g, num_rows):
+    return dense_grad(idx, weights, g, num_rows), None if weights is None else weight_grad(table, idx, g)
+  return grads
 
 
 def _compact(be: _Backend, idx, weights, g, num_rows: int) -> CompactGrad:
@@ -67,8 +74,9 @@ def _compact(be: _Backend, idx, weights, g, num_rows: int) -> CompactGrad:
 @functools.cache
 def _backend(name: str) -> _Backend:
   m = importlib.import_module(f"kernels.embedding.{name}")
-  if name == "xla":
-    return _Backend(m.bag_reduce, m.compact_rows, m.dense_grad, m.weight_grad)
+  if hasattr(m, "bag_reduce"):  # xla, native: the functions themselves (native fuses both gradients)
+    return _Backend(m.bag_reduce, m.compact_rows, getattr(m, "grads", None) or grads_of(m.dense_grad, m.weight_grad),
+                    m.weight_grad)
   seg_reduce = m.segment_reduce
 
   def bag_reduce(src, idx, weights):
@@ -89,7 +97,7 @@ def _backend(name: str) -> _Backend:
     rows = bag_reduce(table, idx.reshape(-1, 1), None).reshape(s, k, -1)
     return (rows.astype(f32) * g[:, None, :].astype(f32)).sum(-1)
 
-  be = _Backend(bag_reduce, compact_rows, dense_grad, weight_grad)  # dense_grad's _compact uses this backend
+  be = _Backend(bag_reduce, compact_rows, grads_of(dense_grad, weight_grad), weight_grad)  # _compact uses be
   return be
 
 
@@ -104,10 +112,8 @@ def _lookup_fwd(name, num_rows, table, idx, weights):
 
 def _lookup_bwd(name, num_rows, res, g):
   table, idx, weights = res
-  be = _backend(name)
-  dtable = be.dense_grad(idx, weights, g, num_rows)
-  dweights = None if weights is None else be.weight_grad(table, idx, g).astype(weights.dtype)
-  return dtable, None, dweights
+  dtable, dweights = _backend(name).grads(table, idx, weights, g, num_rows)
+  return dtable, None, None if weights is None else dweights.astype(weights.dtype)
 
 
 _lookup.defvjp(_lookup_fwd, _lookup_bwd)

@@ -179,12 +179,14 @@ def gather(table, ids: Int[Array, "..."]) -> Float[Array, "... D"]:
   return embedding_gather(t, ids)
 
 
-def bag(table, ids: Int[Array, "... k"], weights: Float[Array, "... k"]) -> Float[Array, "... D"]:
+def bag(table, ids: Int[Array, "... k"], weights: Float[Array, "... k"], *,
+        implementation: str = "auto") -> Float[Array, "... D"]:
   """``sum_j weights[..., j] * table[ids[..., j]]`` (an embedding bag, PKM / Memory+ reads);
-  differentiable in ``weights``."""
+  differentiable in ``weights``. ``implementation``: the kernel of an untapped read
+  (``kernels.IMPLEMENTATIONS``)."""
   t = _value(table)
   if not isinstance(t, Tap):
-    return embedding_bag(t, ids, weights)
+    return embedding_bag(t, ids, weights, implementation=implementation)
   if ids.shape != weights.shape:
     raise ValueError(f"ids {ids.shape} and weights {weights.shape} must have the same shape")
   rows = _tapped(t, ids).reshape(*ids.shape, t.rows.shape[-1])

@@ -10,9 +10,9 @@ Retrieval (§4(a)), per token ``x ∈ R^d`` and head ``h = 1..H``, with ``n = �
     w_h = softmax(scores)                                  (float32)
     o = Σ_h Σ_{r≤k} w_{h,r} · V[ids_{h,r}]                 (an embedding bag of H·k rows, V ∈ R^{N × d_v})
 
-The top-k of the k² sums is the top-k over all N = n² slots. With both halves sorted, the pair of
-ranks (i, j) scores at most each of the (i+1)(j+1) pairs (i' ≤ i, j' ≤ j), so only the pairs with
-(i+1)(j+1) ≤ k can reach the top k: those ~k·ln k sums are formed (119 of 1024 for k = 32).
+The top-k of the k² sums is the top-k over all N = n² slots; only the ~k·ln k pairs of ranks that
+can reach it are summed (:func:`kernels.product_topk`). ``implementation`` picks the kernels of the
+top-k and the bag (``kernels.IMPLEMENTATIONS``; on CPU ``auto`` takes the native C++ ones).
 
 Outputs (``PKM``: "pkm", ``MemoryPlus``: "memory_plus"):
 
@@ -50,6 +50,8 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from kernels import candidate_pairs, product_topk
+from kernels.common import check_name
 from pmem.core import accounting
 from pmem.core.registry import CHANNEL_MIXERS
 from pmem.core.rules import constrain
@@ -78,23 +80,6 @@ def _normalize(x: jax.Array, kind: str, eps: float) -> jax.Array:
   if kind == "layernorm":
     x32 = x32 - x32.mean(-1, keepdims=True)
   return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps)).astype(x.dtype)
-
-
-def candidate_pairs(k: int) -> tuple[np.ndarray, np.ndarray]:
-  """Ranks (i, j) in the two sorted top-k lists whose sum can be among the k best: (i+1)(j+1) ≤ k."""
-  r = np.arange(1, k + 1)
-  return np.nonzero(r[:, None] * r[None, :] <= k)
-
-
-def product_topk(s1: Float[Array, "... n"], s2: Float[Array, "... n"], k: int) -> tuple[Float[Array, "... k"],
-                                                                                    Int[Array, "... k"]]:
-  """Top-k of ``s1[i] + s2[j]`` over all ``n²`` pairs (sorted, descending) and their slots
-  ``i·n + j``: top-k of each half, then the exact top-k of the candidate sums (module docstring)."""
-  (t1, i1), (t2, i2) = jax.lax.top_k(s1, k), jax.lax.top_k(s2, k)
-  a, b = candidate_pairs(k)
-  scores, best = jax.lax.top_k(t1[..., a] + t2[..., b], k)
-  slots = i1[..., a] * s1.shape[-1] + i2[..., b]
-  return scores, jnp.take_along_axis(slots, best, -1)
 
 
 class PKMValues(nnx.Module):
@@ -129,8 +114,8 @@ class PKM(nnx.Module):
 
   def __init__(self, d_model: int, n_keys: int = 128, heads: int = 4, k: int = 32, d_k: int = 256,
                d_v: int | None = None, query_norm: str = "layernorm", qk_norm: bool = False, gated: bool = False,
-               values: str | None = None, layer: int | None = None, eps: float = 1e-5, out_scale: float = 1.0,
-               dtype: str = "float32", *, rngs: nnx.Rngs):
+               values: str | None = None, layer: int | None = None, eps: float = 1e-5, implementation: str = "auto",
+               out_scale: float = 1.0, dtype: str = "float32", *, rngs: nnx.Rngs):
     if query_norm == "batchnorm":
       raise ValueError("query_norm='batchnorm' is not offered: BatchNorm's batch statistics mix all positions, "
                        "leaking future tokens into causal training; use one of " + str(QUERY_NORMS))
@@ -144,10 +129,12 @@ class PKM(nnx.Module):
       raise ValueError(f"k must lie in 1..n_keys={n_keys} (top-k of each half), got {k}")
     if heads < 1:
       raise ValueError(f"heads must be >= 1, got {heads}")
+    check_name(implementation)
     key = rngs.params
     self.d_model, self.n_keys, self.heads, self.k, self.d_k = d_model, n_keys, heads, k, d_k
     self.d_v, self.query_norm, self.qk_norm, self.gated = d_v or d_model, query_norm, qk_norm, gated
     self.values_feature, self.layer, self.eps, self.dtype = values, layer, eps, jnp.dtype(dtype)
+    self.implementation = implementation
     half, d = d_k // 2, d_model
     self.w_q = nnx.Param(xavier_uniform(key(), (d, heads * d_k)), axes=("embed", "heads"))
     bound = d_k ** -0.5
@@ -193,9 +180,9 @@ class PKM(nnx.Module):
         q = q + self.q_bias[...].astype(dt)
     if self.qk_norm:
       keys = _normalize(keys, "rmsnorm", self.eps) * self.k_scale[...]
-    q = q.transpose(1, 2, 0, 3)  # [H, 2, BT, d_k/2]: batched matmuls and top-k without transposing the scores
-    s = jnp.einsum("hptc,hpnc->hptn", q, keys.astype(dt))
-    scores, slots = product_topk(s[:, 0], s[:, 1], self.k)  # [H, BT, k]
+    q = q.transpose(2, 1, 0, 3)  # [2, H, BT, d_k/2]: per-half batched matmuls, top-k rows without transposes
+    s1, s2 = (jnp.einsum("htc,hnc->htn", q[p], keys[:, p].astype(dt)) for p in (0, 1))
+    scores, slots = product_topk(s1, s2, self.k, implementation=self.implementation)  # [H, BT, k]
     out = lambda a: a.transpose(1, 0, 2).reshape(b, t, h, self.k)
     return out(scores), out(slots)
 
@@ -205,7 +192,8 @@ class PKM(nnx.Module):
     scores, slots = self.retrieve(x)
     diagnostics.usage("pkm", slots, self.num_slots)
     w = jax.nn.softmax(scores.astype(jnp.float32), -1)
-    return lookup.bag(self._table(ctx), slots.reshape(b, t, -1), w.reshape(b, t, -1))
+    return lookup.bag(self._table(ctx), slots.reshape(b, t, -1), w.reshape(b, t, -1),
+                      implementation=self.implementation)
 
   def __call__(self, x: Float[Array, "B T D"], ctx: TokenContext) -> Float[Array, "B T D"]:
     dt, (b, t, d) = self.dtype, x.shape

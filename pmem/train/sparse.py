@@ -80,15 +80,18 @@ def row_axis(v) -> int:
 def compact(ids: Int[Array, "N"], grads: Float[Array, "N D"], num_rows: int) -> Rows:
   """Sorted unique ids (padding ``num_rows``) and each id's rows summed in float32 in occurrence
   order (each row is added straight into its id's run: no gather of ``grads`` into sorted order);
-  ids outside ``[0, num_rows)`` (unread probes decode to -1) are dropped."""
-  n = ids.shape[0]
+  ids outside ``[0, num_rows)`` (unread probes decode to -1) are dropped. At most ``num_rows`` ids
+  are distinct, so the result has ``min(N, num_rows)`` slots (a bag of many reads into a small
+  table updates no more rows than the table has)."""
+  n, m = ids.shape[0], min(ids.shape[0], num_rows)
   ids = jnp.where((ids >= 0) & (ids < num_rows), ids, num_rows).astype(jnp.int32)
   order = jnp.argsort(ids, stable=True)
   sid = ids[order]
   seg = jnp.cumsum(jnp.concatenate([jnp.ones((1,), bool), sid[1:] != sid[:-1]]), dtype=jnp.int32) - 1
-  uniq = jnp.full((n,), num_rows, jnp.int32).at[seg].set(sid)
+  # the out-of-range run (id num_rows, sorted last) can be run m: dropped from both
+  uniq = jnp.full((m,), num_rows, jnp.int32).at[seg].set(sid, mode="drop")
   run = jnp.zeros((n,), jnp.int32).at[order].set(seg, unique_indices=True)  # the run of each occurrence
-  rows = jax.ops.segment_sum(grads.astype(jnp.float32), run, n)
+  rows = jax.ops.segment_sum(grads.astype(jnp.float32), run, m, mode="drop")
   return Rows(uniq, jnp.where((uniq < num_rows)[:, None], rows, 0))
 
 
