@@ -11,7 +11,7 @@ medians over rounds are reported with the ratio module / matched dense tokens/s.
 A second table times the Engram model (row-sparse table updates) as its hashed tables grow from
 2^12 to 2^20 rows per head table (same data, same rows touched): step time must not grow with rows.
 
-  python -m experiments.bench.modules --out FILE.json [--quick] [--rounds 15]
+  python -m experiments.bench.modules --out FILE.json [--quick] [--rounds 15] [--only pkm_tiny,memory_plus_tiny]
 JSON: a list of ``{name, kind: "module" | "table_rows", rows, step_s, tokens_per_s, ratio,
 flops_per_token, params}``.
 """
@@ -79,10 +79,15 @@ def main() -> None:
   ap.add_argument("--out", required=True)
   ap.add_argument("--quick", action="store_true", help="STEM only, 2 table sizes, 3 rounds (tests)")
   ap.add_argument("--rounds", type=int, default=15)
+  ap.add_argument("--only", help="comma-separated module configs (default: all; the Engram rows table runs "
+                                 "when engram_tiny is among them)")
   a = ap.parse_args()
+  only = set(a.only.split(",")) if a.only else {c for c, _ in MODULES}
+  if unknown := only - {c for c, _ in MODULES}:
+    ap.error(f"--only: unknown module configs {sorted(unknown)}; choose from {[c for c, _ in MODULES]}")
   configs.load_all()
   rounds = 3 if a.quick else a.rounds
-  mods = [(c, f) for c, f in MODULES if c in configs.CONFIGS][:1 if a.quick else None]
+  mods = [(c, f) for c, f in MODULES if c in configs.CONFIGS and c in only][:1 if a.quick else None]
   for c, _ in MODULES:
     if c not in configs.CONFIGS:
       print(f"skip {c}: no such config", flush=True)
@@ -101,7 +106,7 @@ def main() -> None:
     for r in (d, m):
       print(f"| {r['name']} | {1e3 * r['step_s']:.1f} | {r['tokens_per_s']:,.0f} | {r['flops_per_token']:,} | "
             f"{r['params']:,} | {r['ratio']:.3f} |")
-  if "engram_tiny" in configs.CONFIGS:
+  if "engram_tiny" in configs.CONFIGS and "engram_tiny" in only:
     sizes = [1 << 12, 1 << 16] if a.quick else [1 << k for k in range(12, 21, 2)]
     scaled = {n: Runner(["config:tiny", f"fiddler:engram(layers=(1,), heads=4, table_size={n})", ROW_SPARSE])
               for n in sizes}

@@ -270,6 +270,16 @@ ffi::Error RowScatter(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> i, ffi::Buffer
 
 }  // namespace
 
+// (thread pool, table f32 [V, D], ids s32 [S, k], f32 [S, k] or [S, D]) -> f32: the bag forward and wgrad.
+static auto TableIdsRows() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>();
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PmemRowScatter, RowScatter,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -277,21 +287,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PmemRowScatter, RowScatter,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PmemBagFwd, BagFwd,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PmemBagFwd, BagFwd, TableIdsRows());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PmemBagWgrad, BagWgrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PmemBagWgrad, BagWgrad, TableIdsRows());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PmemBagGrads, BagGrads,
                               ffi::Ffi::Bind()
