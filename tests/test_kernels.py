@@ -240,6 +240,10 @@ def test_product_topk_equals_brute_force_and_breaks_ties_like_xla(impl):
   np.testing.assert_array_equal(got[0], ref[0])
   g = jax.grad(lambda a, b: product_topk(a, b, 8, implementation=impl)[0].sum(), (0, 1))(s[0], s[1])
   assert float(g[0].sum()) == float(g[1].sum()) == 500 * 8  # scores are differentiable in both halves
+  with pytest.raises(ValueError, match="same shape"):
+    product_topk(s[0], s[1, :, :16], 8, implementation=impl)
+  with pytest.raises(ValueError, match=r"k must lie in 1\.\.32, got 33"):
+    product_topk(s[0], s[1], 33, implementation=impl)
 
 
 def test_tpu_segment_reduce_in_tpu_semantics_interpreter():

@@ -16,9 +16,11 @@ import jax.numpy as jnp
 from kernels import native
 from kernels.common import Unavailable
 from kernels.embedding import xla
+from kernels.embedding.ops import grads_of
 
 f32, i32 = jnp.float32, jnp.int32
 compact_rows = xla.compact_rows
+_xla_grads = grads_of(xla.dense_grad, xla.weight_grad)
 
 
 def check(d: int, dtype) -> None:
@@ -50,7 +52,7 @@ def grads(table, idx, weights, g, num_rows: int):
   """(dense table gradient, weight gradient or None): gathers XLA's; bags one native pass over blocks of
   table rows that also forms the weight gradient."""
   if idx.shape[1] == 1:
-    return xla.dense_grad(idx, weights, g, num_rows), None if weights is None else xla.weight_grad(table, idx, g)
+    return _xla_grads(table, idx, weights, g, num_rows)
   out = (jax.ShapeDtypeStruct((num_rows, g.shape[1]), f32), jax.ShapeDtypeStruct(idx.shape, f32))
   dtable, dw = native.call("pmem_bag_grads", out, table, idx.astype(i32), _weights(idx, weights), g.astype(f32))
   return dtable, None if weights is None else dw

@@ -91,4 +91,3 @@ def call(target: str, out, *args: jax.Array):
   """``target(*args) -> out`` (a ShapeDtypeStruct or a tuple of them); float32/int32 args."""
   load()
   return jax.ffi.ffi_call(target, out, vmap_method="sequential")(*args)
-

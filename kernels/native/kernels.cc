@@ -5,7 +5,7 @@
 // pmem_bag_grads   dtable[v]  = sum over (s, j) with idx[s, j] = v, in row-major (s, j) order, of w[s, j] * g[s],
 //                  and dw as pmem_bag_wgrad, in one pass over blocks of table rows
 // pmem_row_scatter ds[r, i[r, j]] += v[r, j] into zeros [R, n]        (the backward of a take along rows)
-// pmem_topk_pairs  the k best slots i*n + j of s1[i] + s2[j] (see product_topk/README.md)
+// pmem_topk_pairs  the k best slots i*n + j of s1[i] + s2[j] (see kernels/product_topk/ops.py)
 //
 // Float32 throughout. Built with -ffp-contract=off: the dense gradient adds the products w * g one by one in
 // the order XLA's scatter does, so it equals kernels/embedding/xla.py bit for bit. Work is split over the
