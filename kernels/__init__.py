@@ -4,11 +4,11 @@ XLA reference, a custom_vjp where differentiable, and Pallas/Triton/native-CPU i
 Imports nothing from ``pmem``."""
 
 from kernels.common import AUTO, IMPLEMENTATIONS, Unavailable
-from kernels.embedding import (CompactGrad, embedding_bag, embedding_bag_compact_vjp, embedding_gather,
-                               embedding_gather_compact_vjp)
+from kernels.embedding import (CompactGrad, embedding_bag, embedding_bag_compact_vjp, embedding_bag_table_grad,
+                               embedding_gather, embedding_gather_compact_vjp)
 from kernels.product_topk import candidate_pairs, product_topk
 from kernels.rmsnorm import fused_add_rmsnorm
 
 __all__ = ["AUTO", "IMPLEMENTATIONS", "CompactGrad", "Unavailable", "embedding_bag", "embedding_bag_compact_vjp",
-           "embedding_gather", "embedding_gather_compact_vjp", "fused_add_rmsnorm", "candidate_pairs",
+           "embedding_bag_table_grad", "embedding_gather", "embedding_gather_compact_vjp", "fused_add_rmsnorm", "candidate_pairs",
            "product_topk"]

@@ -19,8 +19,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.test_util import check_grads
 
-from kernels import (Unavailable, bench, common, embedding_bag, embedding_bag_compact_vjp, embedding_gather,
-                     embedding_gather_compact_vjp, fused_add_rmsnorm, gpu_check, native, product_topk)
+from kernels import (Unavailable, bench, common, embedding_bag, embedding_bag_compact_vjp, embedding_bag_table_grad,
+                     embedding_gather, embedding_gather_compact_vjp, fused_add_rmsnorm, gpu_check, native, product_topk)
 from kernels.embedding import native as emb_native
 from kernels.embedding import xla as emb_xla
 from kernels.embedding import pallas_tpu as emb_tpu
@@ -117,20 +117,28 @@ def test_bag_forward_and_gradients(impl, dtype):
   @jax.jit
   def run(table, ids, w, g):
     bag = functools.partial(embedding_bag, implementation=impl)
+    fixed = jax.lax.stop_gradient(table)  # a table not differentiated: the weights' gradient alone
     return (bag(table, ids, w), jax.grad(lambda t, w: f32_dot(bag(t, ids, w), g), argnums=(0, 1))(table, w),
-            embedding_bag_compact_vjp(table, ids, w, g, implementation=impl))
+            embedding_bag_compact_vjp(table, ids, w, g, implementation=impl),
+            jax.grad(lambda w: f32_dot(bag(fixed, ids, w), g))(w),
+            embedding_bag_table_grad(ids, w, g, table.shape[0], implementation=impl))
 
   for seed, (v, d, shape, hi) in enumerate(emb_cases(impl, dtype)):
     rng, table, ids, _ = data(seed, v, d, shape, hi, dtype)
     w = jnp.asarray(rng.normal(size=shape), jnp.float32)
     g = jnp.asarray(rng.normal(size=(*shape[:-1], d)), dtype)
-    out, (dt, dw), (cg, cw) = run(table, ids, w, g)
+    out, (dt, dw), (cg, cw), dw_only, tg = run(table, ids, w, g)
     close(out, bag_ref(table, ids, w), dtype)
     rt, rw = jax.grad(lambda t, w: f32_dot(bag_ref(t, ids, w), g), argnums=(0, 1))(table.astype(jnp.float32), w)
     close(dt, rt, dtype)  # bf16: against the float32 truth
     close(dw, rw, dtype)
+    close(dw_only, dw, jnp.float32)
     np.testing.assert_array_equal(cg.to_dense(v), dt)  # the dense gradient is the compact one, densified
     np.testing.assert_array_equal(cw, dw)
+    # from ids, weights and cotangent alone: the same rows in min(N, V) slots
+    assert tg.ids.shape == (min(ids.size, v),) and int(tg.count) == int(cg.count)
+    np.testing.assert_array_equal(tg.ids[:int(tg.count)], cg.ids[:int(cg.count)])
+    np.testing.assert_array_equal(tg.to_dense(v), dt)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
@@ -205,6 +213,14 @@ def test_native_bag_equals_xla_at_pkm_scale():
   np.testing.assert_array_equal(dw, wgrad)  # the fused pass takes the same dot products
   assert not np.asarray(dw)[5, :7].any()
   np.testing.assert_array_equal(dtable, ref[2])
+  rows, ref_rows = (jax.jit(lambda i, m=m: embedding_bag_table_grad(i, w, g, 1000, implementation=m))(idx)
+                    for m in ("native", "xla"))
+  for a, b in zip(rows, ref_rows):  # sorted ids, each id's w * g summed in the same order, V-padding, count
+    np.testing.assert_array_equal(a, b)
+  # a table that is not differentiated gets no dense gradient: only the weight-gradient kernel runs
+  hlo = jax.jit(jax.grad(lambda w, i: jnp.sum(embedding_bag(jax.lax.stop_gradient(table), i, w,
+                                                            implementation="native")))).lower(w, idx).as_text()
+  assert "pmem_bag_wgrad" in hlo and "pmem_bag_grads" not in hlo
 
 
 @cpu_only

@@ -1,26 +1,31 @@
 """Native CPU bags (``kernels/native/kernels.cc`` through the XLA FFI), float32 tables.
 
-Bags (k > 1) run as C++ loops over rows split across XLA's CPU thread pool: the forward weights and
-sums each output's rows in place; the backward groups the looked-up ids by block of 256 KiB of table
-rows and, block by block (one thread each), takes the weight gradient's dot product and adds the
-weighted cotangent into the dense table gradient in the order of XLA's scatter (equal to
-``xla.dense_grad`` bit for bit). Nothing ``[S, k, D]`` is formed. Gathers (k = 1, no weights) and the
-compact gradient are XLA's (``xla.py``): XLA fuses a gather with its neighbours.
+Bags (k > 1) run as C++ loops split across XLA's CPU thread pool, over the looked-up ids grouped by
+block of 256 KiB of table rows. The forward gives each thread a range of outputs and visits its
+entries block by block (the table is swept in order and a block's rows are reused from cache; each
+output sums its rows in (block, j) order, within float32 rounding of XLA's j order). The backward
+goes block by block (one thread each): the weight gradient's dot product and the weighted cotangent
+added into the dense table gradient in the order of XLA's scatter (``xla.dense_grad`` bit for bit);
+:func:`table_rows` sums the same products into compact rows instead. Nothing ``[S, k, D]`` is
+formed. Gathers (k = 1, no weights) and their compact gradient are XLA's (``xla.py``): XLA fuses a
+gather with its neighbours.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kernels import native
 from kernels.common import Unavailable
 from kernels.embedding import xla
-from kernels.embedding.ops import grads_of
+from kernels.embedding.ops import CompactGrad, grads_of, table_rows_of
 
 f32, i32 = jnp.float32, jnp.int32
 compact_rows = xla.compact_rows
 _xla_grads = grads_of(xla.dense_grad, xla.weight_grad)
+_xla_table_rows = table_rows_of(xla.compact_rows)
 
 
 def check(d: int, dtype) -> None:
@@ -56,3 +61,15 @@ def grads(table, idx, weights, g, num_rows: int):
   out = (jax.ShapeDtypeStruct((num_rows, g.shape[1]), f32), jax.ShapeDtypeStruct(idx.shape, f32))
   dtable, dw = native.call("pmem_bag_grads", out, table, idx.astype(i32), _weights(idx, weights), g.astype(f32))
   return dtable, None if weights is None else dw
+
+
+def table_rows(idx, weights, g, num_rows: int) -> CompactGrad:
+  """The bag's table gradient as compact rows, min(S k, V) slots: one native pass over blocks of table rows
+  (each id's w * g summed in (s, j) order, as XLA's segment sum); gathers XLA's."""
+  if idx.shape[1] == 1:
+    return _xla_table_rows(idx, weights, g, num_rows)
+  m = min(idx.size, num_rows)
+  out = (jax.ShapeDtypeStruct((m,), i32), jax.ShapeDtypeStruct((m, g.shape[1]), f32), jax.ShapeDtypeStruct((), i32))
+  ids, rows, count = native.call("pmem_bag_rows", out, idx.astype(i32), _weights(idx, weights), g.astype(f32),
+                                 num_rows=np.int64(num_rows))
+  return CompactGrad(ids, rows, count)

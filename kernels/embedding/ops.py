@@ -17,6 +17,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array, Float, Int
 
 from kernels import common
@@ -49,6 +50,7 @@ class _Backend(NamedTuple):
   compact_rows: Callable
   grads: Callable  # (table, idx [S, k], weights | None, g [S, D], num_rows) -> (dtable, float32 dweights | None)
   weight_grad: Callable  # (table, idx [S, k], g [S, D]) -> float32 [S, k]
+  table_rows: Callable  # (idx [S, k], weights | None, g [S, D], num_rows) -> CompactGrad, min(S k, V) slots
 
 
 def grads_of(dense_grad: Callable, weight_grad: Callable) -> Callable:
@@ -58,8 +60,8 @@ def grads_of(dense_grad: Callable, weight_grad: Callable) -> Callable:
   return grads
 
 
-def _compact(be: _Backend, idx, weights, g, num_rows: int) -> CompactGrad:
-  """Compact gradient of ``bag_reduce(table, idx[S, k], weights)`` for cotangent g [S, D]."""
+def _compact(compact_rows: Callable, idx, weights, g, num_rows: int) -> CompactGrad:
+  """Compact gradient of ``bag_reduce(table, idx[S, k], weights)`` for cotangent g [S, D] (``S k`` slots)."""
   flat = idx.reshape(-1)
   order = jnp.argsort(flat, stable=True).astype(i32)
   sid = flat[order]
@@ -67,8 +69,18 @@ def _compact(be: _Backend, idx, weights, g, num_rows: int) -> CompactGrad:
   seg = jnp.cumsum(first, dtype=i32) - 1  # run number of each sorted entry
   ok = sid < num_rows
   ids = jnp.full(flat.shape, num_rows, i32).at[seg].set(sid)  # a run writes its one id
-  rows = be.compact_rows(g, order, seg, ok, weights)
+  rows = compact_rows(g, order, seg, ok, weights)
   return CompactGrad(ids, rows, jnp.sum(first & ok, dtype=i32))
+
+
+def table_rows_of(compact_rows: Callable) -> Callable:
+  """A backend's ``table_rows`` from its ``compact_rows``: the compact gradient cut to ``min(S k, V)``
+  slots (at most V ids are distinct; the out-of-range run sorts last)."""
+  def table_rows(idx, weights, g, num_rows):
+    c = _compact(compact_rows, idx, weights, g, num_rows)
+    m = min(c.ids.shape[0], num_rows)
+    return CompactGrad(c.ids[:m], c.rows[:m], c.count)
+  return table_rows
 
 
 @functools.cache
@@ -76,7 +88,7 @@ def _backend(name: str) -> _Backend:
   m = importlib.import_module(f"kernels.embedding.{name}")
   if hasattr(m, "bag_reduce"):  # xla, native: the functions themselves (native fuses both gradients)
     return _Backend(m.bag_reduce, m.compact_rows, getattr(m, "grads", None) or grads_of(m.dense_grad, m.weight_grad),
-                    m.weight_grad)
+                    m.weight_grad, getattr(m, "table_rows", None) or table_rows_of(m.compact_rows))
   seg_reduce = m.segment_reduce
 
   def bag_reduce(src, idx, weights):
@@ -90,15 +102,14 @@ def _backend(name: str) -> _Backend:
     return seg_reduce(g, jnp.where(ok, order // k, g.shape[0]), seg, order.shape[0], w)
 
   def dense_grad(idx, weights, g, num_rows):
-    return _compact(be, idx, weights, g, num_rows).to_dense(num_rows)
+    return _compact(compact_rows, idx, weights, g, num_rows).to_dense(num_rows)
 
   def weight_grad(table, idx, g):
     s, k = idx.shape
     rows = bag_reduce(table, idx.reshape(-1, 1), None).reshape(s, k, -1)
     return (rows.astype(f32) * g[:, None, :].astype(f32)).sum(-1)
 
-  be = _Backend(bag_reduce, compact_rows, grads_of(dense_grad, weight_grad), weight_grad)  # _compact uses be
-  return be
+  return _Backend(bag_reduce, compact_rows, grads_of(dense_grad, weight_grad), weight_grad, table_rows_of(compact_rows))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -107,16 +118,25 @@ def _lookup(name: str, num_rows: int, table, idx, weights):
 
 
 def _lookup_fwd(name, num_rows, table, idx, weights):
-  return _lookup(name, num_rows, table, idx, weights), (None if weights is None else table, idx, weights)
+  """A table that is not differentiated (``stop_gradient``, a row-sparse tap) gets no dense gradient."""
+  t, w = table.value, None if weights is None else weights.value
+  res = (t if w is not None or table.perturbed else None, idx.value, w, table.perturbed)
+  return _lookup(name, num_rows, t, idx.value, w), res
 
 
 def _lookup_bwd(name, num_rows, res, g):
-  table, idx, weights = res
-  dtable, dweights = _backend(name).grads(table, idx, weights, g, num_rows)
+  table, idx, weights, table_grad = res
+  if isinstance(g, SymbolicZero):
+    g = jnp.zeros(g.shape, g.dtype)
+  be = _backend(name)
+  if table_grad:
+    dtable, dweights = be.grads(table, idx, weights, g, num_rows)
+  else:
+    dtable, dweights = None, None if weights is None else be.weight_grad(table, idx, g)
   return dtable, None, None if weights is None else dweights.astype(weights.dtype)
 
 
-_lookup.defvjp(_lookup_fwd, _lookup_bwd)
+_lookup.defvjp(_lookup_fwd, _lookup_bwd, symbolic_zeros=True)
 
 
 def _prepare(table, ids, implementation: str, mode: str):
@@ -147,7 +167,7 @@ def embedding_gather_compact_vjp(table: Float[Array, "V D"], ids: Int[Array, "..
                                  *, implementation: str = "auto", mode: str = "fill") -> CompactGrad:
   """The gradient of ``embedding_gather`` w.r.t. ``table`` for cotangent ``g``, as a :class:`CompactGrad`."""
   idx, name = _prepare(table, ids, implementation, mode)
-  return _compact(_backend(name), idx.reshape(-1, 1), None, g.reshape(-1, g.shape[-1]), table.shape[0])
+  return _compact(_backend(name).compact_rows, idx.reshape(-1, 1), None, g.reshape(-1, g.shape[-1]), table.shape[0])
 
 
 def embedding_bag(table: Float[Array, "V D"], ids: Int[Array, "... k"], weights: Float[Array, "... k"], *,
@@ -165,6 +185,18 @@ def embedding_bag(table: Float[Array, "V D"], ids: Int[Array, "... k"], weights:
   return out.reshape(*ids.shape[:-1], table.shape[1])
 
 
+def embedding_bag_table_grad(ids: Int[Array, "... k"], weights: Float[Array, "... k"], g: Float[Array, "... D"],
+                             num_rows: int, *, implementation: str = "auto") -> CompactGrad:
+  """The gradient of ``embedding_bag`` w.r.t. a ``[num_rows, D]`` table for cotangent ``g``, from the ids
+  and weights alone, as a :class:`CompactGrad` of ``min(ids.size, num_rows)`` slots (each id's rows summed
+  in row-major (s, j) order). Ids outside [0, num_rows) contribute nothing."""
+  if ids.shape != weights.shape or ids.shape[:-1] != g.shape[:-1]:
+    raise ValueError(f"ids {ids.shape}, weights {weights.shape} and cotangent {g.shape} disagree")
+  idx, name = _prepare(jax.ShapeDtypeStruct((num_rows, g.shape[-1]), g.dtype), ids, implementation, "fill")
+  k = ids.shape[-1]
+  return _backend(name).table_rows(idx.reshape(-1, k), weights.reshape(-1, k), g.reshape(-1, g.shape[-1]), num_rows)
+
+
 def embedding_bag_compact_vjp(table: Float[Array, "V D"], ids: Int[Array, "... k"], weights: Float[Array, "... k"],
                               g: Float[Array, "... D"], *, implementation: str = "auto",
                               mode: str = "fill") -> tuple[CompactGrad, Float[Array, "... k"]]:
@@ -174,4 +206,4 @@ def embedding_bag_compact_vjp(table: Float[Array, "V D"], ids: Int[Array, "... k
   k, be = ids.shape[-1], _backend(name)
   idx, w, g2 = idx.reshape(-1, k), weights.reshape(-1, k), g.reshape(-1, g.shape[-1])
   dw = be.weight_grad(table, idx, g2).astype(weights.dtype).reshape(weights.shape)
-  return _compact(be, idx, w, g2, table.shape[0]), dw
+  return _compact(be.compact_rows, idx, w, g2, table.shape[0]), dw

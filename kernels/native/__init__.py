@@ -27,6 +27,7 @@ from kernels.common import Unavailable
 SOURCE = pathlib.Path(__file__).with_name("kernels.cc")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-pthread")
 TARGETS = {"pmem_bag_fwd": "PmemBagFwd", "pmem_bag_wgrad": "PmemBagWgrad", "pmem_bag_grads": "PmemBagGrads",
+           "pmem_bag_rows": "PmemBagRows",
            "pmem_topk_pairs": "PmemTopkPairs", "pmem_row_scatter": "PmemRowScatter"}
 
 
@@ -87,7 +88,7 @@ def available() -> str | None:
   return None
 
 
-def call(target: str, out, *args: jax.Array):
-  """``target(*args) -> out`` (a ShapeDtypeStruct or a tuple of them); float32/int32 args."""
+def call(target: str, out, *args: jax.Array, **attrs):
+  """``target(*args) -> out`` (a ShapeDtypeStruct or a tuple of them); float32/int32 args, int64 ``attrs``."""
   load()
-  return jax.ffi.ffi_call(target, out, vmap_method="sequential")(*args)
+  return jax.ffi.ffi_call(target, out, vmap_method="sequential")(*args, **attrs)

@@ -1,14 +1,16 @@
 // Native CPU kernels called through the XLA FFI (kernels/native/__init__.py builds and registers them).
 //
-// pmem_bag_fwd     out[s]     = sum_j w[s, j] * table[idx[s, j]]            (ids outside [0, V) skipped)
+// pmem_bag_fwd     out[s]     = sum_j w[s, j] * table[idx[s, j]]            (ids outside [0, V) skipped; summed in
+//                  (block of table rows, j) order)
 // pmem_bag_wgrad   dw[s, j]   = <g[s], table[idx[s, j]]>                     (0 for ids outside [0, V))
 // pmem_bag_grads   dtable[v]  = sum over (s, j) with idx[s, j] = v, in row-major (s, j) order, of w[s, j] * g[s],
 //                  and dw as pmem_bag_wgrad, in one pass over blocks of table rows
+// pmem_bag_rows    the table gradient of a bag as compact rows (sorted distinct ids and their summed w * g)
 // pmem_row_scatter ds[r, i[r, j]] += v[r, j] into zeros [R, n]        (the backward of a take along rows)
 // pmem_topk_pairs  the k best slots i*n + j of s1[i] + s2[j] (see kernels/product_topk/ops.py)
 //
-// Float32 throughout. Built with -ffp-contract=off: the dense gradient adds the products w * g one by one in
-// the order XLA's scatter does, so it equals kernels/embedding/xla.py bit for bit. Work is split over the
+// Float32 throughout. Built with -ffp-contract=off: the dense and compact gradients add the products w * g one
+// by one in the order XLA's scatter does, so they equal kernels/embedding/xla.py bit for bit. Work is split over the
 // thread pool XLA hands to FFI calls; the calling thread takes chunks too, so no call waits on an idle pool.
 
 #include <algorithm>
@@ -26,11 +28,11 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// f(begin, end) over [0, n) in chunks of at least `grain`, on the calling thread and the pool's threads.
+// f(begin, end) over [0, n) split into `chunks` ranges, taken by the calling thread and the pool's threads.
 template <class F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t grain, const F& f) {
+void ParallelChunks(ffi::ThreadPool& pool, int64_t n, int64_t chunks, const F& f) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t chunks = std::min<int64_t>(std::max<int64_t>(1, n / std::max<int64_t>(1, grain)), 4 * threads);
+  chunks = std::max<int64_t>(1, std::min(chunks, n));
   if (chunks <= 1 || threads <= 1) {
     f(int64_t{0}, n);
     return;
@@ -45,41 +47,22 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t grain, const F& f) {
       st->done.fetch_add(1, std::memory_order_release);
     }
   };
-  for (int64_t t = 1; t < threads; ++t) pool.Schedule(decltype(work)(work));
+  for (int64_t t = 1; t < std::min(threads, chunks); ++t) pool.Schedule(decltype(work)(work));
   work();
   while (st->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+}
+
+// The same in chunks of at least `grain` items, at most 4 per thread.
+template <class F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t grain, const F& f) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  ParallelChunks(pool, n, std::min<int64_t>(n / std::max<int64_t>(1, grain), 4 * threads), f);
 }
 
 ffi::Error CheckBag(int64_t v, int64_t d, int64_t s, int64_t k, int64_t ws, int64_t wk) {
   if (ws != s || wk != k) return ffi::Error::InvalidArgument("pmem bag: ids and weights differ in shape");
   if (v < 0 || d <= 0) return ffi::Error::InvalidArgument("pmem bag: empty table width");
-  return ffi::Error::Success();
-}
-
-ffi::Error BagFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> idx,
-                  ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> out) {
-  const int64_t v = table.dimensions()[0], d = table.dimensions()[1];
-  const int64_t s = idx.dimensions()[0], k = idx.dimensions()[1];
-  if (auto e = CheckBag(v, d, s, k, w.dimensions()[0], w.dimensions()[1]); e.failure()) return e;
-  const float* tb = table.typed_data();
-  const int32_t* ib = idx.typed_data();
-  const float* wb = w.typed_data();
-  float* ob = out->typed_data();
-  ParallelFor(pool, s, 16, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      float* o = ob + r * d;
-      std::fill(o, o + d, 0.0f);
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t id = ib[r * k + j];
-        if (j + 1 < k && static_cast<uint64_t>(ib[r * k + j + 1]) < static_cast<uint64_t>(v))
-          __builtin_prefetch(tb + ib[r * k + j + 1] * d);
-        if (static_cast<uint64_t>(id) >= static_cast<uint64_t>(v)) continue;
-        const float* row = tb + id * d;
-        const float wj = wb[r * k + j];
-        for (int64_t c = 0; c < d; ++c) o[c] += wj * row[c];
-      }
-    }
-  });
+  if (s * k >= (int64_t{1} << 31)) return ffi::Error::InvalidArgument("pmem bag: more than 2^31 entries");
   return ffi::Error::Success();
 }
 
@@ -132,9 +115,12 @@ struct Buckets {
   std::vector<Entry> entries;  // those with an id in [0, V), grouped
 };
 
-Buckets ByRowBlock(const int32_t* idx, const float* w, int64_t s, int64_t k, int64_t v, int64_t d) {
+inline int64_t RowsPerBlock(int64_t d) { return std::max<int64_t>(1, (256 << 10) / (4 * d)); }  // 256 KiB
+
+// Entries of outputs s0 .. s0 + s (idx and w point at output s0's), sorted by one thread.
+Buckets ByRowBlock(const int32_t* idx, const float* w, int64_t s, int64_t k, int64_t v, int64_t d, int64_t s0 = 0) {
   Buckets b;
-  b.rows_per_block = std::max<int64_t>(1, (256 << 10) / (4 * d));  // 256 KiB of float32 rows
+  b.rows_per_block = RowsPerBlock(d);
   b.blocks = (v + b.rows_per_block - 1) / b.rows_per_block;
   b.start.assign(b.blocks + 1, 0);
   const int32_t rpb = static_cast<int32_t>(b.rows_per_block);
@@ -146,8 +132,79 @@ Buckets ByRowBlock(const int32_t* idx, const float* w, int64_t s, int64_t k, int
   for (int64_t r = 0, p = 0; r < s; ++r)
     for (int64_t j = 0; j < k; ++j, ++p)
       if (static_cast<uint64_t>(idx[p]) < static_cast<uint64_t>(v))
-        b.entries[fill[idx[p] / rpb]++] = Entry{idx[p], static_cast<int32_t>(r), w[p], static_cast<int32_t>(p)};
+        b.entries[fill[idx[p] / rpb]++] =
+            Entry{idx[p], static_cast<int32_t>(s0 + r), w[p], static_cast<int32_t>(s0 * k + p)};
   return b;
+}
+
+// The same grouping of all S outputs' entries, counted and placed by the pool's threads (each takes a
+// range of outputs; a block's entries stay in p order).
+Buckets ByRowBlockParallel(ffi::ThreadPool& pool, const int32_t* idx, const float* w, int64_t s, int64_t k, int64_t v,
+                           int64_t d) {
+  Buckets b;
+  b.rows_per_block = RowsPerBlock(d);
+  b.blocks = (v + b.rows_per_block - 1) / b.rows_per_block;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), s / 64));
+  const int32_t rpb = static_cast<int32_t>(b.rows_per_block);
+  std::vector<std::vector<int64_t>> count(parts, std::vector<int64_t>(b.blocks + 1, 0));
+  auto range = [&](int64_t t) { return std::pair<int64_t, int64_t>{s * t / parts * k, s * (t + 1) / parts * k}; };
+  ParallelChunks(pool, parts, parts, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      auto [p0, p1] = range(t);
+      for (int64_t p = p0; p < p1; ++p)
+        if (static_cast<uint64_t>(idx[p]) < static_cast<uint64_t>(v)) ++count[t][idx[p] / rpb];
+    }
+  });
+  b.start.assign(b.blocks + 1, 0);
+  for (int64_t i = 0, at = 0; i < b.blocks; ++i) {  // part t's entries of block i follow parts < t's
+    b.start[i] = at;
+    for (int64_t t = 0; t < parts; ++t) {
+      const int64_t c = count[t][i];
+      count[t][i] = at;
+      at += c;
+    }
+    b.start[i + 1] = at;
+  }
+  b.entries.resize(b.start[b.blocks]);
+  ParallelChunks(pool, parts, parts, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      auto [p0, p1] = range(t);
+      for (int64_t p = p0; p < p1; ++p)
+        if (static_cast<uint64_t>(idx[p]) < static_cast<uint64_t>(v))
+          b.entries[count[t][idx[p] / rpb]++] =
+              Entry{idx[p], static_cast<int32_t>(p / k), w[p], static_cast<int32_t>(p)};
+    }
+  });
+  return b;
+}
+
+ffi::Error BagFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> idx,
+                  ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> out) {
+  const int64_t v = table.dimensions()[0], d = table.dimensions()[1];
+  const int64_t s = idx.dimensions()[0], k = idx.dimensions()[1];
+  if (auto e = CheckBag(v, d, s, k, w.dimensions()[0], w.dimensions()[1]); e.failure()) return e;
+  const float* tb = table.typed_data();
+  const int32_t* ib = idx.typed_data();
+  const float* wb = w.typed_data();
+  float* ob = out->typed_data();
+  // One range of outputs per thread, its entries visited by block of table rows: the table is swept in
+  // ascending order and a block's rows are reused from cache (2.3x over visiting them in (s, j) order
+  // at V = 2^16, S = 4096, k = 128). Each output sums its rows in (block, j) order whatever the split.
+  ParallelChunks(pool, s, std::min<int64_t>(pool.num_threads(), s / 64), [&](int64_t b, int64_t e) {
+    std::fill(ob + b * d, ob + e * d, 0.0f);
+    const Buckets bk = ByRowBlock(ib + b * k, wb + b * k, e - b, k, v, d, b);
+    const Entry* en = bk.entries.data();
+    const int64_t m = static_cast<int64_t>(bk.entries.size());
+    for (int64_t x = 0; x < m; ++x) {
+      if (x + 4 < m)
+        for (int64_t c = 0; c < d; c += 16) __builtin_prefetch(tb + static_cast<int64_t>(en[x + 4].id) * d + c);
+      const float* row = tb + static_cast<int64_t>(en[x].id) * d;
+      float* o = ob + static_cast<int64_t>(en[x].s) * d;
+      const float wj = en[x].w;
+      for (int64_t c = 0; c < d; ++c) o[c] += wj * row[c];
+    }
+  });
+  return ffi::Error::Success();
 }
 
 // Both gradients of the bag in one pass over the row blocks: per entry (in (s, j) order within its
@@ -161,28 +218,96 @@ ffi::Error BagGrads(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Buff
   if (auto e = CheckBag(v, d, s, k, w.dimensions()[0], w.dimensions()[1]); e.failure()) return e;
   if (g.dimensions()[0] != s || g.dimensions()[1] != d)
     return ffi::Error::InvalidArgument("pmem bag grads: cotangent shape differs from [S, D]");
-  if (s * k >= (int64_t{1} << 31)) return ffi::Error::InvalidArgument("pmem bag grads: more than 2^31 entries");
   const float* tb = table.typed_data();
   const float* gb = g.typed_data();
   float* db = dtable->typed_data();
   float* ob = dw->typed_data();
   std::fill(ob, ob + s * k, 0.0f);
-  const Buckets bk = ByRowBlock(idx.typed_data(), w.typed_data(), s, k, v, d);
-  std::vector<float> dots(bk.entries.size());  // in bucket order, written back to dw after the pass
+  const Buckets bk = ByRowBlockParallel(pool, idx.typed_data(), w.typed_data(), s, k, v, d);
+  const Entry* en = bk.entries.data();
+  std::vector<float> dots(bk.entries.size());  // in bucket order, written to dw after the pass
   ParallelFor(pool, bk.blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t r0 = blk * bk.rows_per_block, r1 = std::min(v, r0 + bk.rows_per_block);
+      const int64_t e1 = bk.start[blk + 1];
       std::memset(db + r0 * d, 0, sizeof(float) * (r1 - r0) * d);
-      for (int64_t e = bk.start[blk]; e < bk.start[blk + 1]; ++e) {
-        const Entry& en = bk.entries[e];
-        const float* gr = gb + static_cast<int64_t>(en.s) * d;
-        float* row = db + static_cast<int64_t>(en.id) * d;
-        dots[e] = Dot(gr, tb + static_cast<int64_t>(en.id) * d, d);
-        for (int64_t c = 0; c < d; ++c) row[c] += en.w * gr[c];
+      for (int64_t e = bk.start[blk]; e < e1; ++e) {
+        if (e + 4 < e1)
+          for (int64_t c = 0; c < d; c += 16) __builtin_prefetch(gb + static_cast<int64_t>(en[e + 4].s) * d + c);
+        const float* gr = gb + static_cast<int64_t>(en[e].s) * d;
+        float* row = db + static_cast<int64_t>(en[e].id) * d;
+        dots[e] = Dot(gr, tb + static_cast<int64_t>(en[e].id) * d, d);
+        const float we = en[e].w;
+        for (int64_t c = 0; c < d; ++c) row[c] += we * gr[c];
       }
     }
   });
-  for (size_t e = 0; e < dots.size(); ++e) ob[bk.entries[e].p] = dots[e];
+  ParallelFor(pool, static_cast<int64_t>(dots.size()), 4096, [&](int64_t e0, int64_t e1) {
+    for (int64_t e = e0; e < e1; ++e) ob[en[e].p] = dots[e];
+  });
+  return ffi::Error::Success();
+}
+
+// The table gradient of a bag as compact rows: ids [M] the distinct looked-up ids ascending, then V; rows [M, D]
+// each id's sum of w[s, j] * g[s] in (s, j) order (as the XLA compaction's segment sum), then zeros; count the
+// distinct ids. Blocks of table rows are independent: one pass counts each block's distinct ids (its slots
+// follow the earlier blocks'), a second sums its entries into its slots.
+ffi::Error BagRows(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> g,
+                   int64_t v, ffi::ResultBuffer<ffi::S32> ids, ffi::ResultBuffer<ffi::F32> rows,
+                   ffi::ResultBuffer<ffi::S32> count) {
+  const int64_t s = idx.dimensions()[0], k = idx.dimensions()[1], d = g.dimensions()[1];
+  const int64_t m = ids->dimensions()[0];
+  if (auto e = CheckBag(v, d, s, k, w.dimensions()[0], w.dimensions()[1]); e.failure()) return e;
+  if (g.dimensions()[0] != s || rows->dimensions()[0] != m || rows->dimensions()[1] != d || m < std::min(s * k, v))
+    return ffi::Error::InvalidArgument("pmem bag rows: cotangent [S, D] or output [>= min(S k, V), D] shape differs");
+  const float* gb = g.typed_data();
+  int32_t* ib = ids->typed_data();
+  float* rb = rows->typed_data();
+  const Buckets bk = ByRowBlockParallel(pool, idx.typed_data(), w.typed_data(), s, k, v, d);
+  const Entry* en = bk.entries.data();
+  const int64_t rpb = bk.rows_per_block;
+  std::vector<int64_t> start(bk.blocks + 1, 0);  // first slot of each block
+  ParallelFor(pool, bk.blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<uint8_t> seen(rpb);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      std::fill(seen.begin(), seen.end(), 0);
+      int64_t n = 0;
+      for (int64_t e = bk.start[blk]; e < bk.start[blk + 1]; ++e) {
+        const int64_t r = en[e].id - blk * rpb;
+        n += !seen[r];
+        seen[r] = 1;
+      }
+      start[blk + 1] = n;
+    }
+  });
+  for (int64_t blk = 0; blk < bk.blocks; ++blk) start[blk + 1] += start[blk];
+  ParallelFor(pool, bk.blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<int64_t> slot(rpb);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * rpb, e0 = bk.start[blk], e1 = bk.start[blk + 1];
+      std::fill(slot.begin(), slot.end(), -1);
+      for (int64_t e = e0; e < e1; ++e) slot[en[e].id - r0] = 0;
+      for (int64_t r = 0, next = start[blk]; r < rpb; ++r)
+        if (slot[r] == 0) {
+          slot[r] = next;
+          ib[next] = static_cast<int32_t>(r0 + r);
+          std::memset(rb + next * d, 0, sizeof(float) * d);
+          ++next;
+        }
+      for (int64_t e = e0; e < e1; ++e) {
+        if (e + 4 < e1)
+          for (int64_t c = 0; c < d; c += 16) __builtin_prefetch(gb + static_cast<int64_t>(en[e + 4].s) * d + c);
+        const float* gr = gb + static_cast<int64_t>(en[e].s) * d;
+        float* o = rb + slot[en[e].id - r0] * d;
+        const float we = en[e].w;
+        for (int64_t c = 0; c < d; ++c) o[c] += we * gr[c];
+      }
+    }
+  });
+  const int64_t total = start[bk.blocks];
+  std::fill(ib + total, ib + m, static_cast<int32_t>(v));
+  std::memset(rb + total * d, 0, sizeof(float) * (m - total) * d);
+  *count->typed_data() = static_cast<int32_t>(total);
   return ffi::Error::Success();
 }
 
@@ -195,26 +320,49 @@ inline uint64_t Packed(float x, int32_t pos) {
   return (static_cast<uint64_t>(b) << 32) | static_cast<uint32_t>(~pos);
 }
 
-// Positions of the k best of keys[0..m) (Packed), best first. A threshold from every (m/k)-th key keeps
-// about 1.5k candidates without a branch per key; the selection then sorts only those (or all m when
-// the sample misjudged). buf holds m keys; keys is reordered.
-inline void TopK(uint64_t* keys, int64_t m, int64_t k, int32_t* pos, uint64_t* buf) {
+// Positions (into pos) of the k largest of m distinct keys, best first: a key's rank is the number of keys
+// above it, counted without branches in vectorized compares (no data-dependent branch to mispredict, as
+// sorting ~50 keys has). out has k + 1 slots: the last one takes every key ranked below k.
+inline void RankSelect(const int64_t* keys, const int32_t* pos, int64_t m, int64_t k, int32_t* out) {
+  for (int64_t i = 0; i < m; ++i) {
+    const int64_t x = keys[i];
+    int64_t r = 0;
+    for (int64_t j = 0; j < m; ++j) r += keys[j] > x;
+    out[std::min(r, k)] = pos[i];
+  }
+}
+
+// Scratch of one thread's TopK over at most m keys (k + 1 output slots).
+struct TopKBuffers {
+  std::vector<int64_t> keys, cand, sample;
+  std::vector<int32_t> pos;
+  explicit TopKBuffers(int64_t m) : keys(m), cand(m), sample(m), pos(m) {}
+};
+
+// Positions of the k best of keys[0..m) (Packed), best first. Every (m/k)-th key is sampled and ranked; the
+// keys at or above the sample's 1.5k·ns/m-th best (about 1.5k of them) are ranked by RankSelect, the
+// threshold lowered (twice as many samples above it) until at least k pass.
+inline void TopK(const uint64_t* packed, int64_t m, int64_t k, int32_t* out, TopKBuffers& t) {
+  int64_t *kb = t.keys.data(), *cb = t.cand.data(), *sr = t.sample.data();
+  for (int64_t i = 0; i < m; ++i) kb[i] = static_cast<int64_t>(packed[i] ^ (uint64_t{1} << 63));  // signed order
   const int64_t step = std::max<int64_t>(1, m / k);
   int64_t ns = 0;
-  for (int64_t i = 0; i < m; i += step) buf[ns++] = keys[i];
-  const int64_t q = std::min<int64_t>(ns - 1, (3 * k * ns) / (2 * m));
-  std::nth_element(buf, buf + q, buf + ns, std::greater<uint64_t>());
-  const uint64_t thr = buf[q];
-  int64_t c = 0;
-  for (int64_t i = 0; i < m; ++i) {
-    buf[c] = keys[i];
-    c += keys[i] >= thr;
+  for (int64_t i = 0; i < m; i += step) cb[ns++] = kb[i];
+  for (int64_t i = 0; i < ns; ++i) {  // the samples sorted, best first
+    int64_t r = 0;
+    for (int64_t j = 0; j < ns; ++j) r += cb[j] > cb[i];
+    sr[r] = cb[i];
   }
-  uint64_t* sel = c >= k ? buf : keys;
-  const int64_t len = c >= k ? c : m;
-  std::nth_element(sel, sel + (k - 1), sel + len, std::greater<uint64_t>());
-  std::sort(sel, sel + k, std::greater<uint64_t>());
-  for (int64_t i = 0; i < k; ++i) pos[i] = static_cast<int32_t>(~static_cast<uint32_t>(sel[i]));
+  for (int64_t q = std::min<int64_t>(ns - 1, (3 * k * ns) / (2 * m));; q = std::min(ns - 1, 2 * q + 1)) {
+    const int64_t thr = q == ns - 1 ? INT64_MIN : sr[q];  // the last try keeps every key
+    int64_t c = 0;
+    for (int64_t i = 0; i < m; ++i) {
+      cb[c] = kb[i];
+      t.pos[c] = static_cast<int32_t>(i);
+      c += kb[i] >= thr;
+    }
+    if (c >= k) return RankSelect(cb, t.pos.data(), c, k, out);
+  }
 }
 
 // s1, s2 [R, n]; pa, pb [P]: the candidate rank pairs (a, b) in candidate_pairs(k) order.
@@ -233,16 +381,17 @@ ffi::Error TopkPairs(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> s1, ffi::Buffer
       return ffi::Error::InvalidArgument("pmem topk_pairs: a candidate rank lies outside [0, k)");
   int32_t* out = slots->typed_data();
   ParallelFor(pool, r, 64, [&](int64_t b, int64_t e) {
-    std::vector<uint64_t> keys(std::max(n, p)), buf(std::max(n, p));
-    std::vector<int32_t> i1(k), i2(k), best(k);
+    std::vector<uint64_t> keys(std::max(n, p));
+    TopKBuffers buf(std::max(n, p));
+    std::vector<int32_t> i1(k + 1), i2(k + 1), best(k + 1);
     for (int64_t row = b; row < e; ++row) {
       const float *x1 = a1 + row * n, *x2 = a2 + row * n;
       for (int64_t i = 0; i < n; ++i) keys[i] = Packed(x1[i], i);
-      TopK(keys.data(), n, k, i1.data(), buf.data());
+      TopK(keys.data(), n, k, i1.data(), buf);
       for (int64_t i = 0; i < n; ++i) keys[i] = Packed(x2[i], i);
-      TopK(keys.data(), n, k, i2.data(), buf.data());
+      TopK(keys.data(), n, k, i2.data(), buf);
       for (int64_t c = 0; c < p; ++c) keys[c] = Packed(x1[i1[ra[c]]] + x2[i2[rb[c]]], c);
-      TopK(keys.data(), p, k, best.data(), buf.data());
+      TopK(keys.data(), p, k, best.data(), buf);
       for (int64_t j = 0; j < k; ++j)
         out[row * k + j] = static_cast<int32_t>(i1[ra[best[j]]] * n + i2[rb[best[j]]]);
     }
@@ -300,6 +449,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PmemBagGrads, BagGrads,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PmemBagRows, BagRows,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("num_rows")
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PmemTopkPairs, TopkPairs,
                               ffi::Ffi::Bind()

@@ -1,6 +1,7 @@
-"""Native CPU product top-k (``kernels/native/kernels.cc``, ``pmem_topk_pairs``): per row, a
-selection (``nth_element``) of each half's k best and of the candidate sums, then a sort of the k
-kept; rows split across XLA's CPU thread pool. Float32 scores, same order and ties as ``xla.py``.
+"""Native CPU product top-k (``kernels/native/kernels.cc``, ``pmem_topk_pairs``): per row, each
+half's k best and then the candidate sums' k best, each by a sampled threshold (about 1.5k keys
+pass) and a branch-free rank count of those; rows split across XLA's CPU thread pool. Float32
+scores, same order and ties as ``xla.py``.
 The scores' gradient (a scatter-add along each row) is ``pmem_row_scatter``, in XLA's order."""
 
 from __future__ import annotations

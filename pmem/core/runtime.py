@@ -7,6 +7,16 @@ arena in again; the cost grows with the step's temporaries, not its FLOPs. Fixed
 above that size keep freed blocks in the heap for the next step. Measured on the 2-core CI
 machine (``experiments/bench/modules.py``): a tiny train step takes 36 ms instead of 45-56 ms.
 
+The thresholds govern the main arena only. XLA's worker threads allocate from per-thread arenas,
+whose heaps are capped at 64 MiB, so a larger block there is mmapped and unmapped on every step
+whatever the threshold: the PKM layer step at 2^16 slots (``experiments/bench/pkm.py``) mapped its
+163 MiB of temporaries anew each step, spending 20-230 ms of system time in page faults (and, with
+transparent huge pages, in compaction). One arena (``arena_max=1``) puts every thread's blocks
+under the thresholds: that step went from 0.27-0.44 s to 0.23-0.31 s, with no system time. The
+thresholds sit above the largest step temporaries measured: the row-sparse PKM step at 2^20 slots
+maps 2.0 GiB per step, and with a 256 MiB threshold spent 1.1-1.4 s of system time per 1.6-2.4 s
+step re-faulting it.
+
 glibc reads ``GLIBC_TUNABLES`` only when a process starts, so launchers call
 :func:`reexec_with_tuned_malloc` first thing: it restarts the interpreter once with the variable
 set. A ``GLIBC_TUNABLES`` already in the environment is respected (the table benchmark sets its
@@ -18,9 +28,10 @@ from __future__ import annotations
 import os
 import sys
 
-# mmap_threshold: blocks below 256 MiB come from the heap; trim_threshold: keep up to 1 GiB of
-# freed heap instead of returning it to the kernel after every step.
-MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_threshold=1073741824"
+# mmap_threshold: blocks below 4 GiB come from the heap; trim_threshold: keep up to 8 GiB of freed
+# heap instead of returning it to the kernel after every step; arena_max: one heap for all threads.
+MALLOC_TUNABLES = ("glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=8589934592:"
+                   "glibc.malloc.arena_max=1")
 
 
 def tuned_env(env: dict[str, str] | None = None) -> dict[str, str]:

@@ -5,11 +5,14 @@ gradient is the dense scatter-add (``kernels.embedding``). Inside the train step
 table's variable holds a :class:`Tap` instead of its array (``pmem.train.sparse`` puts it there):
 the rows to read from (the table itself, or the rows a host stage shipped with the batch) and one
 zero *probe* per read. A read returns the rows unchanged; its backward pass gives the probe the
-cotangent of every looked-up row (``[N, D]``, ``N = ids.size``, static) and the looked-up ids. So
-the step obtains per-occurrence row gradients and their ids without a table-sized gradient, with
-ids known before the forward (token / n-gram tables) or computed inside it (product-key top-k),
-and from inside the decoder's layer scan, whose body returns nothing but the hidden states (sown
-intermediates would not get out of it; cotangents of scanned inputs do).
+looked-up ids and what the table gradient is made of: for a gather the cotangent of every
+looked-up row (``[N, D]``, ``N = ids.size``, static); for a bag ``[S, k]`` the cotangent of every
+output ``[S, D]`` and the weights ``[S, k]`` (row ``ids[s, j]`` gets ``w[s, j] · g[s]``; nothing
+``[S·k, D]`` is formed, and the bag runs its kernel). So the step obtains the row gradients and
+their ids without a table-sized gradient, with ids known before the forward (token / n-gram
+tables) or computed inside it (product-key top-k), and from inside the decoder's layer scan, whose
+body returns nothing but the hidden states (sown intermediates would not get out of it;
+cotangents of scanned inputs do).
 
 The ids travel as the probe's cotangent: ``id + 1`` split into two float32 halves of 16 bits, both
 exact; a read whose output does not reach the loss gets a zero cotangent, which decodes to "no
@@ -41,9 +44,13 @@ _HALF = 1 << 16
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Probe:
-  """Zeros whose cotangents are the row gradients ``[..., N, D]`` and ids ``[..., N, 2]`` of one read."""
+  """Zeros whose cotangents describe one read's table gradient: a gather's row gradients
+  ``grads [..., N, D]`` and ids ``[..., N, 2]``; a bag's output cotangents ``grads [..., S, D]``, ids
+  ``[..., S, k, 2]`` and weights ``[..., S, k]`` (``implementation``: the bag's kernel)."""
   grads: jax.Array
   ids: jax.Array
+  weights: jax.Array | None = None
+  implementation: str = dataclasses.field(default="auto", metadata=dict(static=True))
 
 
 @jax.tree_util.register_dataclass
@@ -81,16 +88,16 @@ class Tap:
 
 class _Reads:
   """Reads per table in one trace of the forward; with ``record`` reads are plain (no probes) and
-  ``sizes`` records the ``N`` of each."""
+  ``probes`` records the shape of each one's probe (a :class:`Probe` of ShapeDtypeStructs)."""
 
   def __init__(self, record: bool):
-    self.record, self.count, self.sizes = record, {}, {}
+    self.record, self.count, self.probes = record, {}, {}
 
-  def next(self, name: str, n: int) -> int:
+  def next(self, name: str, probe: Probe) -> int:
     i = self.count.get(name, 0)
     self.count[name] = i + 1
     if self.record:
-      self.sizes.setdefault(name, []).append(n)
+      self.probes.setdefault(name, []).append(probe)
     return i
 
 
@@ -100,7 +107,7 @@ _READS: contextvars.ContextVar[_Reads | None] = contextvars.ContextVar("pmem_loo
 @contextlib.contextmanager
 def reads(record: bool = False) -> Iterator[_Reads]:
   """Scope of one forward trace whose tapped reads are counted; ``record``: read without probes
-  and record the reads' sizes (the train step's discovery pass, or an eval of staged rows)."""
+  and record their probes' shapes (the train step's discovery pass, or an eval of staged rows)."""
   token = _READS.set(_Reads(record))
   try:
     yield _READS.get()
@@ -141,34 +148,74 @@ def _tap_bwd(ids, g):
 _tap.defvjp(_tap_fwd, _tap_bwd)
 
 
-def _read(t: Tap, ids: jax.Array) -> jax.Array:
-  """Rows ``[N, D]`` of flat ids, out-of-range ids reading zeros; no gradient to ``t.rows``."""
-  rows = jax.lax.stop_gradient(t.rows)
+def _positions(t: Tap, ids: jax.Array) -> jax.Array:
+  """Row of ``t.rows`` of each id: the id itself, or (host-staged rows) its position among the sorted
+  staged ids; ``t.rows.shape[0]`` (reads zeros) for an id that is not there."""
   idx = ids.astype(jnp.int32)
-  if t.slots is not None:  # host-staged rows: position of each id among the sorted staged ids
-    pos = jnp.searchsorted(t.slots, idx).astype(jnp.int32)
-    idx = jnp.where(t.slots[jnp.minimum(pos, t.slots.shape[0] - 1)] == idx, pos, rows.shape[0])
-  return jnp.take(rows, idx, axis=0, mode="fill", fill_value=0)
+  if t.slots is None:
+    return idx
+  pos = jnp.searchsorted(t.slots, idx).astype(jnp.int32)
+  return jnp.where(t.slots[jnp.minimum(pos, t.slots.shape[0] - 1)] == idx, pos, t.rows.shape[0])
 
 
-def _tapped(t: Tap, ids: jax.Array) -> jax.Array:
-  """Flat rows ``[N, D]`` of ``ids`` whose backward fills this read's probe."""
+def _probe(t: Tap, spec: Probe) -> tuple[_Reads, Probe | None]:
+  """The read scope and this read's probe (None while reads are recorded)."""
   if t.rows.ndim != 2:
     raise ValueError(f"MemoryTable {t.name!r}: a read sees a [rows, width] table, got {t.rows.shape}")
   ctx = _READS.get()
   if ctx is None:
     raise RuntimeError(f"MemoryTable {t.name!r} holds a Tap outside the train step's read scope")
-  flat = ids.reshape(-1)
-  i = ctx.next(t.name, flat.shape[0])
-  rows = _read(t, flat)
+  i = ctx.next(t.name, spec)
   if ctx.record:
-    return rows
+    return ctx, None
   if i >= len(t.probes):
     raise RuntimeError(f"MemoryTable {t.name!r} is read more often than when its reads were discovered")
   p = t.probes[i]
-  if p.grads.shape != rows.shape:
-    raise RuntimeError(f"MemoryTable {t.name!r} read {i}: {rows.shape} rows, probe {p.grads.shape}")
-  return _tap(rows, p.grads, p.ids, flat)
+  got = jax.tree.map(lambda a: (a.shape, a.dtype), p)
+  if got != jax.tree.map(lambda a: (a.shape, a.dtype), spec):
+    raise RuntimeError(f"MemoryTable {t.name!r} read {i}: probe {got} for a read of {spec}")
+  return ctx, p
+
+
+def _sds(*shape, dtype=jnp.float32):
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _tapped(t: Tap, ids: jax.Array) -> jax.Array:
+  """Flat rows ``[N, D]`` of ``ids`` whose backward fills this read's probe."""
+  flat = ids.reshape(-1)
+  n, d = flat.shape[0], t.rows.shape[-1]
+  _, p = _probe(t, Probe(_sds(n, d, dtype=t.rows.dtype), _sds(n, 2)))
+  rows = jnp.take(jax.lax.stop_gradient(t.rows), _positions(t, flat), axis=0, mode="fill", fill_value=0)
+  return rows if p is None else _tap(rows, p.grads, p.ids, flat)
+
+
+@jax.custom_vjp
+def _bag_tap(out, grads, codes, weights, ids, w):
+  del grads, codes, weights, ids, w
+  return out
+
+
+def _bag_tap_fwd(out, grads, codes, weights, ids, w):
+  del grads, codes, weights
+  return out, (ids, w)
+
+
+def _bag_tap_bwd(res, g):
+  ids, w = res
+  return g, g, _encode(ids), w, None, None
+
+
+_bag_tap.defvjp(_bag_tap_fwd, _bag_tap_bwd)
+
+
+def _tapped_bag(t: Tap, ids: Int[Array, "S k"], w: Float[Array, "S k"], implementation: str) -> jax.Array:
+  """The bag ``[S, D]`` of a tapped table (its kernel, no gradient to the rows) whose backward fills
+  this read's probe with the output cotangents, the ids and the weights."""
+  (s, k), d = ids.shape, t.rows.shape[-1]
+  _, p = _probe(t, Probe(_sds(s, d, dtype=t.rows.dtype), _sds(s, k, 2), _sds(s, k), implementation))
+  out = embedding_bag(jax.lax.stop_gradient(t.rows), _positions(t, ids), w, implementation=implementation)
+  return out if p is None else _bag_tap(out, p.grads, p.ids, p.weights, ids, jax.lax.stop_gradient(w.astype(jnp.float32)))
 
 
 def gather(table, ids: Int[Array, "..."]) -> Float[Array, "... D"]:
@@ -182,13 +229,12 @@ def gather(table, ids: Int[Array, "..."]) -> Float[Array, "... D"]:
 def bag(table, ids: Int[Array, "... k"], weights: Float[Array, "... k"], *,
         implementation: str = "auto") -> Float[Array, "... D"]:
   """``sum_j weights[..., j] * table[ids[..., j]]`` (an embedding bag, PKM / Memory+ reads);
-  differentiable in ``weights``. ``implementation``: the kernel of an untapped read
-  (``kernels.IMPLEMENTATIONS``)."""
+  differentiable in ``weights``. ``implementation``: the kernel (``kernels.IMPLEMENTATIONS``)."""
   t = _value(table)
   if not isinstance(t, Tap):
     return embedding_bag(t, ids, weights, implementation=implementation)
   if ids.shape != weights.shape:
     raise ValueError(f"ids {ids.shape} and weights {weights.shape} must have the same shape")
-  rows = _tapped(t, ids).reshape(*ids.shape, t.rows.shape[-1])
-  out = jnp.einsum("...k,...kd->...d", weights.astype(jnp.float32), rows.astype(jnp.float32))
-  return out.astype(t.rows.dtype)
+  k = ids.shape[-1]
+  out = _tapped_bag(t, ids.reshape(-1, k), weights.reshape(-1, k), implementation)
+  return out.reshape(*ids.shape[:-1], t.rows.shape[-1])

@@ -1,12 +1,15 @@
 """Row-sparse training of :class:`MemoryTable` variables: cost per step grows with rows touched.
 
 1. :func:`value_and_grad` replaces each row-sparse table's value by a :class:`lookup.Tap`, traces
-   the forward once abstractly to discover its reads (how many, ``N`` ids each), then
-   differentiates with respect to the dense parameters and one zero probe per read. The probes'
-   cotangents are per-occurrence row gradients ``[N, D]`` and the ids (``pmem.memory.lookup``);
-   no table-sized gradient exists. The tables themselves are not differentiated.
-2. :func:`compact` sorts the ids (stable) and sums each id's rows in occurrence order:
-   :class:`Rows` (sorted unique ids padded with ``V``, summed rows; static size ``N``).
+   the forward once abstractly to discover its reads (gathers of ``N`` ids, bags of ``[S, k]``),
+   then differentiates with respect to the dense parameters and one zero probe per read. The
+   probes' cotangents are a gather's per-occurrence row gradients ``[N, D]`` and ids, or a bag's
+   output cotangents ``[S, D]``, ids and weights (``pmem.memory.lookup``); no table-sized gradient
+   exists. The tables themselves are not differentiated.
+2. :func:`compact` sorts a gather's ids (stable) and sums each id's rows in occurrence order; a
+   bag's ids are compacted by its kernel (``kernels.embedding_bag_table_grad``, no ``[S·k, D]``
+   rows): :class:`Rows` (sorted unique ids padded with ``V``, summed rows; ``min(N, V)`` slots).
+   A table read several times sums the parts' rows.
 3. :func:`update_rows` gathers the touched rows of the table and of its optimizer state, applies
    :func:`row_step` and scatters them back in place (``unique_indices``; the train step donates
    its state, otherwise every scatter copies the table). Leading (stacked-layer) dims are vmapped.
@@ -39,6 +42,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from kernels import embedding_bag_table_grad
 from pmem.core.variables import MemoryTable
 from pmem.memory import lookup
 
@@ -135,9 +139,9 @@ def value_and_grad(f: Callable, params: nnx.State, select: Callable, staged: Sta
   dense, fixed = nnx.split_state(params, lambda path, v: name_of(path) not in tables, ...)
   with lookup.reads(record=True) as found:
     jax.eval_shape(lambda: f(tapped(params, select, staged)))
-  probes = {name: tuple(lookup.Probe(jnp.zeros((*rows.shape[:-2], n, rows.shape[-1]), rows.dtype),
-                                     jnp.zeros((*rows.shape[:-2], n, 2), jnp.float32)) for n in found.sizes[name])
-            for name, (rows, _, _) in src.items() if name in found.sizes}
+  zeros = lambda lead: lambda a: jnp.zeros((*lead, *a.shape), a.dtype)  # noqa: E731
+  probes = {name: tuple(jax.tree.map(zeros(rows.shape[:-2]), p) for p in found.probes[name])
+            for name, (rows, _, _) in src.items() if name in found.probes}
 
   def loss(d, probes):
     with lookup.reads() as r:
@@ -147,13 +151,33 @@ def value_and_grad(f: Callable, params: nnx.State, select: Callable, staged: Sta
     return out
 
   (value, aux), (g, gp) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(dense, probes)
-  rows = {}
-  for name, (src_rows, _, num_rows) in src.items():
-    lead, ps = src_rows.shape[:-2], gp.get(name, ())
-    ids = jnp.concatenate([lookup.decode(p.ids) for p in ps], -1) if ps else jnp.zeros((*lead, 0), jnp.int32)
-    gr = jnp.concatenate([p.grads for p in ps], -2) if ps else jnp.zeros((*lead, 0, src_rows.shape[-1]), src_rows.dtype)
-    rows[name] = over_lead(lambda i, x, n=num_rows: compact(i, x, n), len(lead))(ids, gr)
+  # The row updates then wait for the whole backward: a read of a table whose result only the dense
+  # gradients need (a bag's weight gradient) is otherwise unordered with the in-place row scatter,
+  # and XLA copies the table twice per step to keep both (seen with the native bag kernels).
+  g, gp = jax.lax.optimization_barrier((g, gp))
+  rows = {name: table_grad(gp.get(name, ()), src_rows.shape, num_rows) for name, (src_rows, _, num_rows) in src.items()}
   return (value, aux), nnx.merge_state(g, with_values(tables, rows))
+
+
+def _bag_rows(p: lookup.Probe, num_rows: int) -> Rows:
+  c = embedding_bag_table_grad(lookup.decode(p.ids), p.weights, p.grads, num_rows, implementation=p.implementation)
+  return Rows(c.ids, c.rows)
+
+
+def table_grad(probes: tuple[lookup.Probe, ...], shape: tuple[int, ...], num_rows: int) -> Rows:
+  """The compact gradient of a table ``shape = [..., rows, D]`` from its reads' probe cotangents:
+  gathers' rows compacted together, each bag by its kernel; several parts merged by :func:`compact`."""
+  lead, d = shape[:-2], shape[-1]
+  gathers, bags = [p for p in probes if p.weights is None], [p for p in probes if p.weights is not None]
+  parts = [over_lead(lambda p: _bag_rows(p, num_rows), len(lead))(p) for p in bags]
+  if gathers or not parts:
+    ids = jnp.concatenate([lookup.decode(p.ids) for p in gathers], -1) if gathers else jnp.zeros((*lead, 0), jnp.int32)
+    gr = jnp.concatenate([p.grads for p in gathers], -2) if gathers else jnp.zeros((*lead, 0, d), jnp.float32)
+    parts.append(over_lead(lambda i, x: compact(i, x, num_rows), len(lead))(ids, gr))
+  if len(parts) == 1:
+    return parts[0]
+  ids, gr = jnp.concatenate([r.ids for r in parts], -1), jnp.concatenate([r.rows for r in parts], -2)
+  return over_lead(lambda i, x: compact(i, x, num_rows), len(lead))(ids, gr)
 
 
 # ----------------------------------------------------------------------------- row optimizers
