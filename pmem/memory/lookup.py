@@ -215,7 +215,9 @@ def _tapped_bag(t: Tap, ids: Int[Array, "S k"], w: Float[Array, "S k"], implemen
   (s, k), d = ids.shape, t.rows.shape[-1]
   _, p = _probe(t, Probe(_sds(s, d, dtype=t.rows.dtype), _sds(s, k, 2), _sds(s, k), implementation))
   out = embedding_bag(jax.lax.stop_gradient(t.rows), _positions(t, ids), w, implementation=implementation)
-  return out if p is None else _bag_tap(out, p.grads, p.ids, p.weights, ids, jax.lax.stop_gradient(w.astype(jnp.float32)))
+  if p is None:
+    return out
+  return _bag_tap(out, p.grads, p.ids, p.weights, ids, jax.lax.stop_gradient(w.astype(jnp.float32)))
 
 
 def gather(table, ids: Int[Array, "..."]) -> Float[Array, "... D"]:
