@@ -117,37 +117,20 @@ struct Buckets {
 
 inline int64_t RowsPerBlock(int64_t d) { return std::max<int64_t>(1, (256 << 10) / (4 * d)); }  // 256 KiB
 
-// Entries of outputs s0 .. s0 + s (idx and w point at output s0's), sorted by one thread.
-Buckets ByRowBlock(const int32_t* idx, const float* w, int64_t s, int64_t k, int64_t v, int64_t d, int64_t s0 = 0) {
+// The entries of outputs [s0, s1) (idx, w: all S outputs') grouped by block of table rows, counted and placed
+// in `parts` ranges of outputs on the pool's threads (parts = 1: on the calling thread alone); a block's
+// entries stay in p order.
+Buckets ByRowBlock(ffi::ThreadPool& pool, const int32_t* idx, const float* w, int64_t s0, int64_t s1, int64_t k,
+                   int64_t v, int64_t d, int64_t parts) {
   Buckets b;
   b.rows_per_block = RowsPerBlock(d);
   b.blocks = (v + b.rows_per_block - 1) / b.rows_per_block;
-  b.start.assign(b.blocks + 1, 0);
-  const int32_t rpb = static_cast<int32_t>(b.rows_per_block);
-  for (int64_t p = 0; p < s * k; ++p)
-    if (static_cast<uint64_t>(idx[p]) < static_cast<uint64_t>(v)) ++b.start[idx[p] / rpb + 1];
-  for (int64_t i = 0; i < b.blocks; ++i) b.start[i + 1] += b.start[i];
-  b.entries.resize(b.start[b.blocks]);
-  std::vector<int64_t> fill(b.start.begin(), b.start.end() - 1);
-  for (int64_t r = 0, p = 0; r < s; ++r)
-    for (int64_t j = 0; j < k; ++j, ++p)
-      if (static_cast<uint64_t>(idx[p]) < static_cast<uint64_t>(v))
-        b.entries[fill[idx[p] / rpb]++] =
-            Entry{idx[p], static_cast<int32_t>(s0 + r), w[p], static_cast<int32_t>(s0 * k + p)};
-  return b;
-}
-
-// The same grouping of all S outputs' entries, counted and placed by the pool's threads (each takes a
-// range of outputs; a block's entries stay in p order).
-Buckets ByRowBlockParallel(ffi::ThreadPool& pool, const int32_t* idx, const float* w, int64_t s, int64_t k, int64_t v,
-                           int64_t d) {
-  Buckets b;
-  b.rows_per_block = RowsPerBlock(d);
-  b.blocks = (v + b.rows_per_block - 1) / b.rows_per_block;
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), s / 64));
+  parts = std::max<int64_t>(1, parts);
   const int32_t rpb = static_cast<int32_t>(b.rows_per_block);
   std::vector<std::vector<int64_t>> count(parts, std::vector<int64_t>(b.blocks + 1, 0));
-  auto range = [&](int64_t t) { return std::pair<int64_t, int64_t>{s * t / parts * k, s * (t + 1) / parts * k}; };
+  auto range = [&](int64_t t) {
+    return std::pair<int64_t, int64_t>{(s0 + (s1 - s0) * t / parts) * k, (s0 + (s1 - s0) * (t + 1) / parts) * k};
+  };
   ParallelChunks(pool, parts, parts, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       auto [p0, p1] = range(t);
@@ -178,6 +161,9 @@ Buckets ByRowBlockParallel(ffi::ThreadPool& pool, const int32_t* idx, const floa
   return b;
 }
 
+// Ranges of outputs for bucketing on every thread (at least 64 outputs each).
+inline int64_t Parts(ffi::ThreadPool& pool, int64_t s) { return std::min<int64_t>(pool.num_threads(), s / 64); }
+
 ffi::Error BagFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> idx,
                   ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> out) {
   const int64_t v = table.dimensions()[0], d = table.dimensions()[1];
@@ -190,9 +176,9 @@ ffi::Error BagFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Buffer
   // One range of outputs per thread, its entries visited by block of table rows: the table is swept in
   // ascending order and a block's rows are reused from cache (2.3x over visiting them in (s, j) order
   // at V = 2^16, S = 4096, k = 128). Each output sums its rows in (block, j) order whatever the split.
-  ParallelChunks(pool, s, std::min<int64_t>(pool.num_threads(), s / 64), [&](int64_t b, int64_t e) {
+  ParallelChunks(pool, s, Parts(pool, s), [&](int64_t b, int64_t e) {
     std::fill(ob + b * d, ob + e * d, 0.0f);
-    const Buckets bk = ByRowBlock(ib + b * k, wb + b * k, e - b, k, v, d, b);
+    const Buckets bk = ByRowBlock(pool, ib, wb, b, e, k, v, d, 1);
     const Entry* en = bk.entries.data();
     const int64_t m = static_cast<int64_t>(bk.entries.size());
     for (int64_t x = 0; x < m; ++x) {
@@ -223,7 +209,7 @@ ffi::Error BagGrads(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Buff
   float* db = dtable->typed_data();
   float* ob = dw->typed_data();
   std::fill(ob, ob + s * k, 0.0f);
-  const Buckets bk = ByRowBlockParallel(pool, idx.typed_data(), w.typed_data(), s, k, v, d);
+  const Buckets bk = ByRowBlock(pool, idx.typed_data(), w.typed_data(), 0, s, k, v, d, Parts(pool, s));
   const Entry* en = bk.entries.data();
   std::vector<float> dots(bk.entries.size());  // in bucket order, written to dw after the pass
   ParallelFor(pool, bk.blocks, 1, [&](int64_t b0, int64_t b1) {
@@ -263,7 +249,7 @@ ffi::Error BagRows(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> idx, ffi::Buffer<
   const float* gb = g.typed_data();
   int32_t* ib = ids->typed_data();
   float* rb = rows->typed_data();
-  const Buckets bk = ByRowBlockParallel(pool, idx.typed_data(), w.typed_data(), s, k, v, d);
+  const Buckets bk = ByRowBlock(pool, idx.typed_data(), w.typed_data(), 0, s, k, v, d, Parts(pool, s));
   const Entry* en = bk.entries.data();
   const int64_t rpb = bk.rows_per_block;
   std::vector<int64_t> start(bk.blocks + 1, 0);  // first slot of each block

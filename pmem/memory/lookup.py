@@ -158,8 +158,8 @@ def _positions(t: Tap, ids: jax.Array) -> jax.Array:
   return jnp.where(t.slots[jnp.minimum(pos, t.slots.shape[0] - 1)] == idx, pos, t.rows.shape[0])
 
 
-def _probe(t: Tap, spec: Probe) -> tuple[_Reads, Probe | None]:
-  """The read scope and this read's probe (None while reads are recorded)."""
+def _probe(t: Tap, spec: Probe) -> Probe | None:
+  """This read's probe (None while reads are recorded); ``spec``: its shapes."""
   if t.rows.ndim != 2:
     raise ValueError(f"MemoryTable {t.name!r}: a read sees a [rows, width] table, got {t.rows.shape}")
   ctx = _READS.get()
@@ -167,14 +167,14 @@ def _probe(t: Tap, spec: Probe) -> tuple[_Reads, Probe | None]:
     raise RuntimeError(f"MemoryTable {t.name!r} holds a Tap outside the train step's read scope")
   i = ctx.next(t.name, spec)
   if ctx.record:
-    return ctx, None
+    return None
   if i >= len(t.probes):
     raise RuntimeError(f"MemoryTable {t.name!r} is read more often than when its reads were discovered")
   p = t.probes[i]
   got = jax.tree.map(lambda a: (a.shape, a.dtype), p)
   if got != jax.tree.map(lambda a: (a.shape, a.dtype), spec):
     raise RuntimeError(f"MemoryTable {t.name!r} read {i}: probe {got} for a read of {spec}")
-  return ctx, p
+  return p
 
 
 def _sds(*shape, dtype=jnp.float32):
@@ -185,7 +185,7 @@ def _tapped(t: Tap, ids: jax.Array) -> jax.Array:
   """Flat rows ``[N, D]`` of ``ids`` whose backward fills this read's probe."""
   flat = ids.reshape(-1)
   n, d = flat.shape[0], t.rows.shape[-1]
-  _, p = _probe(t, Probe(_sds(n, d, dtype=t.rows.dtype), _sds(n, 2)))
+  p = _probe(t, Probe(_sds(n, d, dtype=t.rows.dtype), _sds(n, 2)))
   rows = jnp.take(jax.lax.stop_gradient(t.rows), _positions(t, flat), axis=0, mode="fill", fill_value=0)
   return rows if p is None else _tap(rows, p.grads, p.ids, flat)
 
@@ -213,7 +213,7 @@ def _tapped_bag(t: Tap, ids: Int[Array, "S k"], w: Float[Array, "S k"], implemen
   """The bag ``[S, D]`` of a tapped table (its kernel, no gradient to the rows) whose backward fills
   this read's probe with the output cotangents, the ids and the weights."""
   (s, k), d = ids.shape, t.rows.shape[-1]
-  _, p = _probe(t, Probe(_sds(s, d, dtype=t.rows.dtype), _sds(s, k, 2), _sds(s, k), implementation))
+  p = _probe(t, Probe(_sds(s, d, dtype=t.rows.dtype), _sds(s, k, 2), _sds(s, k), implementation))
   out = embedding_bag(jax.lax.stop_gradient(t.rows), _positions(t, ids), w, implementation=implementation)
   if p is None:
     return out

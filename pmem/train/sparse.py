@@ -170,9 +170,9 @@ def table_grad(probes: tuple[lookup.Probe, ...], shape: tuple[int, ...], num_row
   lead, d = shape[:-2], shape[-1]
   gathers, bags = [p for p in probes if p.weights is None], [p for p in probes if p.weights is not None]
   parts = [over_lead(lambda p: _bag_rows(p, num_rows), len(lead))(p) for p in bags]
-  if gathers or not parts:
-    ids = jnp.concatenate([lookup.decode(p.ids) for p in gathers], -1) if gathers else jnp.zeros((*lead, 0), jnp.int32)
-    gr = jnp.concatenate([p.grads for p in gathers], -2) if gathers else jnp.zeros((*lead, 0, d), jnp.float32)
+  if gathers or not parts:  # a table no read reached gets all-padding Rows
+    ids = jnp.concatenate([jnp.zeros((*lead, 0), jnp.int32), *(lookup.decode(p.ids) for p in gathers)], -1)
+    gr = jnp.concatenate([jnp.zeros((*lead, 0, d), jnp.float32), *(p.grads for p in gathers)], -2)
     parts.append(over_lead(lambda i, x: compact(i, x, num_rows), len(lead))(ids, gr))
   if len(parts) == 1:
     return parts[0]
