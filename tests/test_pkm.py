@@ -340,13 +340,15 @@ def test_row_sparse_sgd_of_shared_and_own_values_equals_dense_sgd():
     np.testing.assert_allclose(rows[n], want, rtol=1e-5, atol=1e-5, err_msg=n)
 
 
-@pytest.mark.parametrize("implementation", ["xla", "auto"])  # auto: the native bag kernels on CPU
-def test_row_sparse_step_writes_the_value_rows_in_place(implementation):
+@pytest.mark.parametrize("implementation,rows", [("xla", "xla"), ("auto", "xla"), ("auto", "native")])
+def test_row_sparse_step_writes_the_value_rows_in_place(implementation, rows):
   """The donated row-sparse Adam step holds no copy of the value table: its reads (forward, weight
-  gradient, the rows to update) are ordered before the in-place scatter. Unordered, XLA copied the
-  table twice per step (2 x 1 GiB at 2^20 slots)."""
+  gradient, the rows to update) are ordered before the in-place write (XLA's scatter, or the native
+  fused row Adam on the aliased table and moments). Unordered, XLA copied the table twice per step
+  (2 x 1 GiB at 2^20 slots). ``implementation``: the bags' (auto: the native kernels on CPU)."""
   merge, params = split(memory(PKM, implementation=implementation))
-  tx = optim.Optimizer(optim.OptimConfig(tables=optim.TableOptimConfig(update="row_sparse", optimizer="adam")), 10)
+  tables = optim.TableOptimConfig(update="row_sparse", optimizer="adam", implementation=rows)
+  tx = optim.Optimizer(optim.OptimConfig(tables=tables), 10)
 
   def step(params, opt, x, ctx):
     (_, _), grads = sparse.value_and_grad(lambda p: loss(merge(p)(x, ctx)), params, tx.row_sparse)
@@ -357,7 +359,9 @@ def test_row_sparse_step_writes_the_value_rows_in_place(implementation):
   hlo = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), jnp.asarray(x, jnp.float32),
                                                     ctx).compile().as_text()
   table = f"f32[{N_KEYS ** 2},{D}]{{1,0}}"
-  assert f"{table} parameter(" in hlo and "scatter" in hlo
+  write = "scatter" if rows == "xla" else 'custom_call_target="pmem_row_adam"'
+  writes = [ln for ln in hlo.splitlines() if table in ln and write in ln]
+  assert f"{table} parameter(" in hlo and writes
   assert not [ln for ln in hlo.splitlines() if f"{table} copy(" in ln]
 
 

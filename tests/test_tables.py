@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import cli
+from kernels import common, native
 from pmem.core import accounting, mesh as mesh_lib
 from pmem.core.variables import MemoryTable
 from pmem.memory import lookup
@@ -203,6 +204,58 @@ def test_lazy_adam_by_hand():
       p[r] -= lr * ((m / (1 - 0.5 ** c)) / np.sqrt(v / (1 - 0.5 ** c)) + 0.1 * p[r])
   np.testing.assert_allclose(np.asarray(params["t"][...])[:, 0], p, rtol=1e-6)
   np.testing.assert_array_equal(np.asarray(opt["rows"]["count"]["t"][...]), [3, 2, 0])
+
+
+@pytest.mark.parametrize("optimizer,weight_decay,clip_norm,lead", [
+    ("adam", 0.0, None, ()), ("adamw", 0.01, 0.5, ()), ("adam", 0.01, 0.5, (3,)), ("adamw", 0.0, 100.0, (2,))])
+def test_native_row_adam_matches_xla(optimizer, weight_decay, clip_norm, lead):
+  """pmem_row_adam (fused, in place) against XLA's gather / row_step / scatter: touched rows within
+  float32 rounding (XLA contracts multiply-adds into FMAs by expression shape), counts, untouched
+  rows and padding exact; clipping active for clip norm 0.5 (global norm 2)."""
+  rng = np.random.default_rng(0)
+  v, d, u = 64, 40, 30
+  cfg = optim.TableOptimConfig(update="row_sparse", optimizer=optimizer, weight_decay=weight_decay,
+                               clip_norm=clip_norm)
+  normal = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)  # noqa: E731
+  table = normal(*lead, v, d)
+  state = {"mu": 0.1 * normal(*lead, v, d), "nu": jnp.asarray(0.1 * rng.random((*lead, v, d)), jnp.float32),
+           "count": jnp.asarray(rng.integers(0, 5, (*lead, v)), jnp.int32)}
+  uniq = [np.unique(rng.integers(0, v, u)) for _ in range(int(np.prod(lead)))]
+  ids = jnp.asarray(np.stack([np.pad(i, (0, u - i.size), constant_values=v) for i in uniq]).reshape(*lead, u))
+  g = normal(*lead, u, d) * (ids < v)[..., None]
+  out = {}
+  for impl in ("xla", "native"):
+    c = dataclasses.replace(cfg, implementation=impl)
+    assert sparse.implementation(c, jnp.float32) == impl
+    step = jax.jit(lambda t, s, i, g, lr, norm: sparse.update_rows(c, 1e-8, t, s, sparse.Rows(i, g), lr, norm))
+    out[impl] = jax.device_get(step(table, state, ids, g, jnp.float32(0.01), jnp.float32(2.0)))
+  (wx, sx), (wn, sn) = out["xla"], out["native"]
+  touched = np.stack([np.isin(np.arange(v), i) for i in uniq]).reshape(*lead, v)
+  for name, x, n, before in [("table", wx.table, wn.table, table), ("mu", sx["mu"], sn["mu"], state["mu"]),
+                             ("nu", sx["nu"], sn["nu"], state["nu"])]:
+    np.testing.assert_allclose(n[touched], x[touched], rtol=1e-6, atol=1e-7, err_msg=name)
+    np.testing.assert_array_equal(n[~touched], np.asarray(before)[~touched], err_msg=name)
+    assert not np.array_equal(n[touched], np.asarray(before)[touched]), name
+  np.testing.assert_array_equal(sn["count"], sx["count"])
+  np.testing.assert_array_equal(sn["count"], np.asarray(state["count"]) + touched)
+  np.testing.assert_allclose(wn.norm_sq, wx.norm_sq, rtol=1e-5)
+
+
+def test_row_update_implementation_is_checked():
+  cfg = optim.TableOptimConfig(implementation="native")
+  with pytest.raises(ValueError, match="implementation must be one of"):
+    optim.Optimizer(optim.OptimConfig(tables=optim.TableOptimConfig(implementation="fast")), 10)
+  with pytest.raises(common.Unavailable, match="optimizer 'sgd'"):
+    sparse.implementation(dataclasses.replace(cfg, optimizer="sgd"), jnp.float32)
+  with pytest.raises(common.Unavailable, match="bfloat16 tables"):
+    sparse.implementation(cfg, jnp.bfloat16)
+  with jax.set_mesh(jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])):
+    with pytest.raises(common.Unavailable, match="a mesh of 2 devices"):
+      sparse.implementation(cfg, jnp.float32)
+    assert sparse.implementation(dataclasses.replace(cfg, implementation="auto"), jnp.float32) == "xla"
+  native_here = "native" if native.available() is None else "xla"
+  assert sparse.implementation(dataclasses.replace(cfg, implementation="auto"), jnp.float32) == native_here
+  assert sparse.implementation(dataclasses.replace(cfg, implementation="auto", optimizer="sgd"), jnp.float32) == "xla"
 
 
 def test_row_sparse_step_has_no_table_sized_temporaries():

@@ -5,19 +5,20 @@ Both run the same layer (d=256, 4 heads, top-32, dim_head 128 = pmem's d_k 256, 
 softmax weights, sum bag) on fixed random inputs at B=16, T=256: forward, MSE loss against a fixed
 random target, backward, and an Adam step of every parameter (lr 1e-3, betas 0.9/0.999, no
 weight decay, no clipping). pmem updates the value table either ``dense`` (optax on a table-sized
-gradient, as torch) or ``row_sparse`` (``pmem.train.sparse``: touched rows only, lazy Adam). Per
-size (2^16, 2^18, 2^20 slots) and value update a fresh subprocess alternates pmem and lucidrains,
-one step each after warm-up, each step after a pause of ``PAUSE_S`` (torch's OpenMP workers spin for
-a while after a step, which slowed whichever step came next), and reports medians; a size whose
-tables, gradients and Adam moments would not fit in the available memory is skipped. pmem runs its
-default kernels (``implementation="auto"``: on CPU the native C++ bag and product top-k). Both
-frameworks run under pmem's malloc tunables (``pmem.core.runtime``) plus ``glibc.malloc.hugetlb=1``
-(transparent huge pages) unless ``--no-thp``.
+gradient, as torch) or ``row_sparse`` (``pmem.train.sparse``: touched rows only, lazy Adam; on CPU
+the fused native row update). Per size (2^16, 2^18, 2^20 slots) a fresh subprocess alternates
+lucidrains, pmem dense and pmem row-sparse, one step each after warm-up, each step after a pause of
+``PAUSE_S`` (torch's OpenMP workers spin for a while after a step, which slowed whichever step came
+next), and reports medians; a size whose tables, gradients and Adam moments would not fit in the
+available memory is skipped. pmem runs its default kernels (``implementation="auto"``: on CPU the
+native C++ bag, product top-k and row Adam). Both frameworks run under pmem's malloc tunables
+(``pmem.core.runtime``) plus ``glibc.malloc.hugetlb=1`` (transparent huge pages) unless ``--no-thp``.
 
   python -m experiments.bench.pkm --out FILE.json [--quick] [--steps 5] [--max-log2 20]
 
-``--quick``: 2^16 only (about a minute). The JSON holds one record per (slots, update, impl) with
-``tokens_per_s``, ``median_step_s``, ``step_s`` and ``pmem_over_lucidrains`` (the tokens/s ratio).
+``--quick``: 2^16 only (about a minute). The JSON holds one record per (slots, impl) with
+``tokens_per_s``, ``median_step_s``, ``step_s`` and, for pmem, ``over_lucidrains`` (the tokens/s
+ratio) and for row-sparse ``over_dense``.
 """
 
 from __future__ import annotations
@@ -89,12 +90,15 @@ def pmem_stepper(n_keys: int, update: str):
   return run
 
 
-def measure(log2: int, update: str, steps: int, warmup: int, python: str) -> list[dict]:
-  """One (size, value update): lucidrains and pmem alternating, one step each (its own process)."""
+IMPLS = ("lucidrains", *(f"pmem_{u}" for u in UPDATES))
+
+
+def measure(log2: int, steps: int, warmup: int, python: str) -> list[dict]:
+  """One size: lucidrains and pmem with each value update alternating, one step each (its own process)."""
   n_keys = 1 << (log2 // 2)
   cfg = {"dim": D, "heads": HEADS, "num_keys": n_keys, "topk": TOPK, "dim_head": DIM_HEAD}
   worker = TorchWorker(python, "pkm.py", json.dumps(cfg), str(B), str(T))
-  steppers = {"lucidrains": worker.step, "pmem": pmem_stepper(n_keys, update)}
+  steppers = {"lucidrains": worker.step, **{f"pmem_{u}": pmem_stepper(n_keys, u) for u in UPDATES}}
   times = {k: [] for k in steppers}
   try:
     for i in range(warmup + steps):
@@ -106,8 +110,13 @@ def measure(log2: int, update: str, steps: int, warmup: int, python: str) -> lis
   finally:
     worker.close()
   med = {k: float(np.median(v)) for k, v in times.items()}
-  return [{"slots": 1 << log2, "update": update, "impl": k, "median_step_s": med[k], "tokens_per_s": B * T / med[k],
-           "pmem_over_lucidrains": med["lucidrains"] / med["pmem"], "step_s": v} for k, v in times.items()]
+
+  def ratios(k: str) -> dict:
+    r = {} if k == "lucidrains" else {"over_lucidrains": med["lucidrains"] / med[k]}
+    return r | ({"over_dense": med["pmem_dense"] / med[k]} if k == "pmem_row_sparse" else {})
+
+  return [{"slots": 1 << log2, "impl": k, "median_step_s": med[k], "tokens_per_s": B * T / med[k], **ratios(k),
+           "step_s": v} for k, v in times.items()]
 
 
 def main() -> None:
@@ -120,10 +129,10 @@ def main() -> None:
   ap.add_argument("--no-thp", action="store_true", help="without glibc.malloc.hugetlb=1")
   ap.add_argument("--oracle_python",
                   default=os.environ.get("PMEM_ORACLE_PYTHON", str(ROOT / ".venv-oracle/bin/python")))
-  ap.add_argument("--one", nargs=2, metavar=("LOG2", "UPDATE"), help=argparse.SUPPRESS)
+  ap.add_argument("--one", type=int, metavar="LOG2", help=argparse.SUPPRESS)
   a = ap.parse_args()
   if a.one:
-    print(json.dumps(measure(int(a.one[0]), a.one[1], a.steps, a.warmup, a.oracle_python)))
+    print(json.dumps(measure(a.one, a.steps, a.warmup, a.oracle_python)))
     return
   if not a.out:
     ap.error("--out is required")
@@ -132,30 +141,30 @@ def main() -> None:
     env["GLIBC_TUNABLES"] = ":".join(filter(None, (env.get("GLIBC_TUNABLES"), "glibc.malloc.hugetlb=1")))
   records, rows = [], []
   for log2 in range(16, (16 if a.quick else a.max_log2) + 1, 2):
-    for update in UPDATES:
-      need = 8 * (1 << log2) * D * 4 + (2 << 30)  # table, gradient and Adam moments in both frameworks
-      if need > available_bytes():
-        print(f"skip 2^{log2} {update}: needs ~{need / 2**30:.1f} GiB, {available_bytes() / 2**30:.1f} GiB available",
-              file=sys.stderr)
-        continue
-      r = subprocess.run([sys.executable, "-m", "experiments.bench.pkm", "--one", str(log2), update, "--steps",
-                          str(a.steps), "--warmup", str(a.warmup), "--oracle_python", a.oracle_python],
-                         capture_output=True, text=True, env=env, cwd=ROOT)
-      if r.returncode:
-        print(f"2^{log2} {update} failed ({r.returncode}):\n{r.stderr[-2000:]}", file=sys.stderr)
-        continue
-      res = {rec["impl"]: {**rec, "thp": not a.no_thp} for rec in json.loads(r.stdout.strip().splitlines()[-1])}
-      records += res.values()
-      rows.append((log2, update, res["pmem"], res["lucidrains"]))
-      out = pathlib.Path(a.out)
-      out.parent.mkdir(parents=True, exist_ok=True)
-      setup = {"jax": jax.__version__, "B": B, "T": T, "d": D, "heads": HEADS, "topk": TOPK, "dim_head": DIM_HEAD}
-      out.write_text(json.dumps({"records": records, "config": vars(a) | setup}, indent=1))
-  print(f"{'slots':>6} {'values':<11} {'pmem s':>8} {'lucidrains s':>13} {'pmem tok/s':>11} {'lucid tok/s':>12} "
-        f"{'pmem/lucidrains':>16}")
-  for log2, update, p, t in rows:
-    print(f"  2^{log2:<3} {update:<11} {p['median_step_s']:>8.3f} {t['median_step_s']:>13.3f} "
-          f"{p['tokens_per_s']:>11.0f} {t['tokens_per_s']:>12.0f} {p['pmem_over_lucidrains']:>16.2f}")
+    need = 12 * (1 << log2) * D * 4 + (2 << 30)  # tables, gradients and Adam moments of the three
+    if need > available_bytes():
+      print(f"skip 2^{log2}: needs ~{need / 2**30:.1f} GiB, {available_bytes() / 2**30:.1f} GiB available",
+            file=sys.stderr)
+      continue
+    r = subprocess.run([sys.executable, "-m", "experiments.bench.pkm", "--one", str(log2), "--steps", str(a.steps),
+                        "--warmup", str(a.warmup), "--oracle_python", a.oracle_python],
+                       capture_output=True, text=True, env=env, cwd=ROOT)
+    if r.returncode:
+      print(f"2^{log2} failed ({r.returncode}):\n{r.stderr[-2000:]}", file=sys.stderr)
+      continue
+    res = {rec["impl"]: {**rec, "thp": not a.no_thp} for rec in json.loads(r.stdout.strip().splitlines()[-1])}
+    records += res.values()
+    rows.append((log2, res))
+    out = pathlib.Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    setup = {"jax": jax.__version__, "B": B, "T": T, "d": D, "heads": HEADS, "topk": TOPK, "dim_head": DIM_HEAD}
+    out.write_text(json.dumps({"records": records, "config": vars(a) | setup}, indent=1))
+  print(f"{'slots':>6} {'lucidrains s':>13} {'dense s':>8} {'row-sparse s':>13} {'dense/lucid':>12} "
+        f"{'row-sparse/lucid':>17} {'row-sparse/dense':>17}   (tokens/s ratios)")
+  for log2, res in rows:
+    lu, de, rs = (res[k] for k in IMPLS)
+    print(f"  2^{log2:<3} {lu['median_step_s']:>13.3f} {de['median_step_s']:>8.3f} {rs['median_step_s']:>13.3f} "
+          f"{de['over_lucidrains']:>12.2f} {rs['over_lucidrains']:>17.2f} {rs['over_dense']:>17.2f}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ entries block by block (the table is swept in order and a block's rows are reuse
 output sums its rows in (block, j) order, within float32 rounding of XLA's j order). The backward
 goes block by block (one thread each): the weight gradient's dot product and the weighted cotangent
 added into the dense table gradient in the order of XLA's scatter (``xla.dense_grad`` bit for bit);
-:func:`table_rows` sums the same products into compact rows instead. Nothing ``[S, k, D]`` is
+:func:`table_rows` sums the same products into compact rows instead, and :func:`weight_grad` alone
+(a table that is not differentiated) visits the dot products by block too (54 → 38 ms at PKM's
+V = 2^16, S = 4096, k = 128). Nothing ``[S, k, D]`` is
 formed. Gathers (k = 1, no weights) and their compact gradient are XLA's (``xla.py``): XLA fuses a
 gather with its neighbours.
 """

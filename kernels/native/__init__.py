@@ -25,10 +25,11 @@ import jax
 from kernels.common import Unavailable
 
 SOURCE = pathlib.Path(__file__).with_name("kernels.cc")
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-pthread")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-pthread")
 TARGETS = {"pmem_bag_fwd": "PmemBagFwd", "pmem_bag_wgrad": "PmemBagWgrad", "pmem_bag_grads": "PmemBagGrads",
            "pmem_bag_rows": "PmemBagRows",
-           "pmem_topk_pairs": "PmemTopkPairs", "pmem_row_scatter": "PmemRowScatter"}
+           "pmem_topk_pairs": "PmemTopkPairs", "pmem_row_scatter": "PmemRowScatter",
+           "pmem_row_adam": "PmemRowAdam"}
 
 
 def _cpu_id() -> str:
@@ -88,7 +89,8 @@ def available() -> str | None:
   return None
 
 
-def call(target: str, out, *args: jax.Array, **attrs):
-  """``target(*args) -> out`` (a ShapeDtypeStruct or a tuple of them); float32/int32 args, int64 ``attrs``."""
+def call(target: str, out, *args: jax.Array, aliases: dict[int, int] | None = None, **attrs):
+  """``target(*args) -> out`` (a ShapeDtypeStruct or a tuple of them); float32/int32 args, int64 or float32
+  ``attrs``; ``aliases`` {arg: output}: outputs written in the args' buffers (in place when XLA can donate)."""
   load()
-  return jax.ffi.ffi_call(target, out, vmap_method="sequential")(*args, **attrs)
+  return jax.ffi.ffi_call(target, out, vmap_method="sequential", input_output_aliases=aliases)(*args, **attrs)

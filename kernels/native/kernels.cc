@@ -2,19 +2,23 @@
 //
 // pmem_bag_fwd     out[s]     = sum_j w[s, j] * table[idx[s, j]]            (ids outside [0, V) skipped; summed in
 //                  (block of table rows, j) order)
-// pmem_bag_wgrad   dw[s, j]   = <g[s], table[idx[s, j]]>                     (0 for ids outside [0, V))
+// pmem_bag_wgrad   dw[s, j]   = <g[s], table[idx[s, j]]>       (0 for ids outside [0, V); by block of table rows)
 // pmem_bag_grads   dtable[v]  = sum over (s, j) with idx[s, j] = v, in row-major (s, j) order, of w[s, j] * g[s],
 //                  and dw as pmem_bag_wgrad, in one pass over blocks of table rows
 // pmem_bag_rows    the table gradient of a bag as compact rows (sorted distinct ids and their summed w * g)
 // pmem_row_scatter ds[r, i[r, j]] += v[r, j] into zeros [R, n]        (the backward of a take along rows)
 // pmem_topk_pairs  the k best slots i*n + j of s1[i] + s2[j] (see kernels/product_topk/ops.py)
+// pmem_row_adam    lazy Adam of the rows ids of table, mu, nu [R, D] in place (pmem/train/sparse.py row_step's
+//                  adam branch fused with the row gather and scatter), and each new row's sum of squares
 //
 // Float32 throughout. Built with -ffp-contract=off: the dense and compact gradients add the products w * g one
-// by one in the order XLA's scatter does, so they equal kernels/embedding/xla.py bit for bit. Work is split over the
+// by one in the order XLA's scatter does, so they equal kernels/embedding/xla.py bit for bit; the row Adam fuses
+// multiply-adds only where it says so (std::fma). Work is split over the
 // thread pool XLA hands to FFI calls; the calling thread takes chunks too, so no call waits on an idle pool.
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -78,28 +82,6 @@ inline float Dot(const float* a, const float* b, int64_t d) {
   return total;
 }
 
-ffi::Error BagWgrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> idx,
-                    ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dw) {
-  const int64_t v = table.dimensions()[0], d = table.dimensions()[1];
-  const int64_t s = idx.dimensions()[0], k = idx.dimensions()[1];
-  if (g.dimensions()[0] != s || g.dimensions()[1] != d)
-    return ffi::Error::InvalidArgument("pmem bag wgrad: cotangent shape differs from [S, D]");
-  const float* tb = table.typed_data();
-  const int32_t* ib = idx.typed_data();
-  const float* gb = g.typed_data();
-  float* ob = dw->typed_data();
-  ParallelFor(pool, s, 16, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r)
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t id = ib[r * k + j];
-        if (j + 1 < k && static_cast<uint64_t>(ib[r * k + j + 1]) < static_cast<uint64_t>(v))
-          __builtin_prefetch(tb + ib[r * k + j + 1] * d);
-        ob[r * k + j] = static_cast<uint64_t>(id) < static_cast<uint64_t>(v) ? Dot(gb + r * d, tb + id * d, d) : 0.0f;
-      }
-  });
-  return ffi::Error::Success();
-}
-
 // The entries (id, s, w, p = s * k + j) of a bag grouped by block of table rows (a counting sort, p
 // ascending within a block): a block's entries touch one small slab of the table and of its gradient,
 // and are read in sequence rather than gathered from idx and w.
@@ -117,9 +99,9 @@ struct Buckets {
 
 inline int64_t RowsPerBlock(int64_t d) { return std::max<int64_t>(1, (256 << 10) / (4 * d)); }  // 256 KiB
 
-// The entries of outputs [s0, s1) (idx, w: all S outputs') grouped by block of table rows, counted and placed
-// in `parts` ranges of outputs on the pool's threads (parts = 1: on the calling thread alone); a block's
-// entries stay in p order.
+// The entries of outputs [s0, s1) (idx, w: all S outputs'; w may be null) grouped by block of table rows,
+// counted and placed in `parts` ranges of outputs on the pool's threads (parts = 1: on the calling thread
+// alone); a block's entries stay in p order.
 Buckets ByRowBlock(ffi::ThreadPool& pool, const int32_t* idx, const float* w, int64_t s0, int64_t s1, int64_t k,
                    int64_t v, int64_t d, int64_t parts) {
   Buckets b;
@@ -155,7 +137,7 @@ Buckets ByRowBlock(ffi::ThreadPool& pool, const int32_t* idx, const float* w, in
       for (int64_t p = p0; p < p1; ++p)
         if (static_cast<uint64_t>(idx[p]) < static_cast<uint64_t>(v))
           b.entries[count[t][idx[p] / rpb]++] =
-              Entry{idx[p], static_cast<int32_t>(p / k), w[p], static_cast<int32_t>(p)};
+              Entry{idx[p], static_cast<int32_t>(p / k), w ? w[p] : 0.0f, static_cast<int32_t>(p)};
     }
   });
   return b;
@@ -163,6 +145,31 @@ Buckets ByRowBlock(ffi::ThreadPool& pool, const int32_t* idx, const float* w, in
 
 // Ranges of outputs for bucketing on every thread (at least 64 outputs each).
 inline int64_t Parts(ffi::ThreadPool& pool, int64_t s) { return std::min<int64_t>(pool.num_threads(), s / 64); }
+
+// dw[s, j] = <g[s], table[idx[s, j]]> visited by block of table rows (each block's rows stay in cache; 0 for ids
+// outside [0, V)). Every dot is the same whatever the order, so the result equals a visit in (s, j) order.
+ffi::Error BagWgrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> idx,
+                    ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dw) {
+  const int64_t v = table.dimensions()[0], d = table.dimensions()[1];
+  const int64_t s = idx.dimensions()[0], k = idx.dimensions()[1];
+  if (g.dimensions()[0] != s || g.dimensions()[1] != d)
+    return ffi::Error::InvalidArgument("pmem bag wgrad: cotangent shape differs from [S, D]");
+  const float* tb = table.typed_data();
+  const float* gb = g.typed_data();
+  float* ob = dw->typed_data();
+  std::fill(ob, ob + s * k, 0.0f);
+  const Buckets bk = ByRowBlock(pool, idx.typed_data(), nullptr, 0, s, k, v, d, Parts(pool, s));
+  const Entry* en = bk.entries.data();
+  ParallelFor(pool, bk.blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t e = bk.start[b0], e1 = bk.start[b1]; e < e1; ++e) {
+      if (e + 4 < e1)
+        for (int64_t c = 0; c < d; c += 16) __builtin_prefetch(gb + static_cast<int64_t>(en[e + 4].s) * d + c);
+      ob[en[e].p] = Dot(gb + static_cast<int64_t>(en[e].s) * d, tb + static_cast<int64_t>(en[e].id) * d, d);
+    }
+  });
+  return ffi::Error::Success();
+}
+
 
 ffi::Error BagFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> idx,
                   ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> out) {
@@ -403,6 +410,72 @@ ffi::Error RowScatter(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> i, ffi::Buffer
   return ffi::Error::Success();
 }
 
+// One row of lazy Adam (kDecay 0: none, 1: coupled L2 in the gradient, 2: AdamW's decoupled decay); branch-free
+// per configuration so it vectorizes. Multiply-adds are fused as XLA:CPU fuses them without clipping or decay.
+template <bool kClip, int kDecay>
+void AdamRow(float* __restrict p, float* __restrict m1, float* __restrict m2, const float* __restrict g, int64_t d,
+             float r1, float r2, const float (&k)[9]) {
+  const float lr = k[0], norm = k[1], max_norm = k[2], wd = k[3], b1 = k[4], b2 = k[5], c1 = k[6], c2 = k[7];
+  const float eps = k[8];
+  for (int64_t c = 0; c < d; ++c) {
+    float x = g[c];
+    if constexpr (kClip) x = (x / norm) * max_norm;
+    if constexpr (kDecay == 1) x = std::fma(wd, p[c], x);
+    m1[c] = std::fma(c1, x, b1 * m1[c]);
+    m2[c] = std::fma(c2, x * x, b2 * m2[c]);
+    float step = (m1[c] * r1) / (std::sqrt(m2[c] * r2) + eps);
+    if constexpr (kDecay == 2) step = std::fma(wd, p[c], step);
+    p[c] = std::fma(-lr, step, p[c]);
+  }
+}
+
+// Lazy Adam on rows ids [M] (ids outside [0, R) skipped) of table, mu, nu [R, D], which the outputs alias (XLA
+// donates them; copied first if it did not), with gradient rows g [M, D] and bias corrections bc [M, 2] =
+// (1 - b1^c, 1 - b2^c) of each row's new step count c. scal = (lr, global norm, clip norm (0: none), weight
+// decay); decay: 0 none, 1 coupled, 2 decoupled. sq [M]: each new row's sum of squares (0 for skipped ids).
+// Every row is independent, so results do not depend on the thread split.
+ffi::Error RowAdam(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::F32> mu,
+                   ffi::Buffer<ffi::F32> nu, ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::F32> g,
+                   ffi::Buffer<ffi::F32> bc, ffi::Buffer<ffi::F32> scal, float b1, float b2, float one_minus_b1,
+                   float one_minus_b2, float eps, int64_t decay, ffi::ResultBuffer<ffi::F32> table_out,
+                   ffi::ResultBuffer<ffi::F32> mu_out, ffi::ResultBuffer<ffi::F32> nu_out,
+                   ffi::ResultBuffer<ffi::F32> sq) {
+  const int64_t r = table.dimensions()[0], d = table.dimensions()[1], m = ids.dimensions()[0];
+  if (mu.dimensions()[0] != r || nu.dimensions()[0] != r || mu.dimensions()[1] != d || nu.dimensions()[1] != d ||
+      g.dimensions()[0] != m || g.dimensions()[1] != d || bc.dimensions()[0] != m || bc.dimensions()[1] != 2 ||
+      scal.dimensions()[0] != 4 || sq->dimensions()[0] != m || decay < 0 || decay > 2)
+    return ffi::Error::InvalidArgument("pmem row_adam: shapes of table, moments, ids, grads, bc differ or bad decay");
+  float* out[3] = {table_out->typed_data(), mu_out->typed_data(), nu_out->typed_data()};
+  const float* in[3] = {table.typed_data(), mu.typed_data(), nu.typed_data()};
+  for (int a = 0; a < 3; ++a)
+    if (out[a] != in[a]) std::memcpy(out[a], in[a], sizeof(float) * r * d);
+  const int32_t* ib = ids.typed_data();
+  const float *gb = g.typed_data(), *bb = bc.typed_data(), *sc = scal.typed_data();
+  const float k[9] = {sc[0], sc[1], sc[2], sc[3], b1, b2, one_minus_b1, one_minus_b2, eps};
+  const bool clip = sc[2] != 0.0f && !(sc[1] < sc[2]);  // optax clip_by_global_norm's select
+  using Row = void (*)(float*, float*, float*, const float*, int64_t, float, float, const float (&)[9]);
+  const Row rows[2][3] = {{AdamRow<false, 0>, AdamRow<false, 1>, AdamRow<false, 2>},
+                          {AdamRow<true, 0>, AdamRow<true, 1>, AdamRow<true, 2>}};
+  const Row row = rows[clip][sc[3] != 0.0f ? decay : 0];
+  float* qb = sq->typed_data();
+  ParallelFor(pool, m, 64, [&](int64_t b, int64_t e) {
+    for (int64_t u = b; u < e; ++u) {
+      const int64_t id = ib[u];
+      if (static_cast<uint64_t>(id) >= static_cast<uint64_t>(r)) {
+        qb[u] = 0.0f;
+        continue;
+      }
+      if (u + 2 < e && static_cast<uint64_t>(ib[u + 2]) < static_cast<uint64_t>(r))
+        for (int a = 0; a < 3; ++a)
+          for (int64_t c = 0; c < d; c += 16) __builtin_prefetch(out[a] + ib[u + 2] * d + c, 1);
+      float* p = out[0] + id * d;
+      row(p, out[1] + id * d, out[2] + id * d, gb + u * d, d, 1.0f / bb[2 * u], 1.0f / bb[2 * u + 1], k);
+      qb[u] = Dot(p, p, d);
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // (thread pool, table f32 [V, D], ids s32 [S, k], f32 [S, k] or [S, D]) -> f32: the bag forward and wgrad.
@@ -455,3 +528,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PmemTopkPairs, TopkPairs,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PmemRowAdam, RowAdam,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("b1")
+                                  .Attr<float>("b2")
+                                  .Attr<float>("one_minus_b1")
+                                  .Attr<float>("one_minus_b2")
+                                  .Attr<float>("eps")
+                                  .Attr<int64_t>("decay")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

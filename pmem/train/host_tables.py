@@ -6,7 +6,7 @@ table), deduplicates them (``np.unique``), gathers those rows ``[..., U, D]`` an
 the batch (``batch["tables"]``, padded to ``max_unique`` rows; more unique ids than that is an
 error). The device step reads the staged rows through the same tapped lookups as a device
 table (``pmem.train.sparse``) and returns the compact row gradients, the learning rate and the
-clip norm; :meth:`HostTables.apply` runs the same row update (:func:`sparse.row_step`, jitted)
+clip norm; :meth:`HostTables.apply` runs the same row update (:func:`sparse.update_rows`, jitted)
 on the host and writes the rows back. Staging of batch ``s + 1`` (unique + gather) runs in a
 background thread while step ``s`` computes; after step ``s``'s rows are written back, the staged
 rows of ``s + 1`` that step ``s`` changed are gathered again, so training equals device-resident
@@ -214,9 +214,11 @@ class HostTables:
 
 
 def _update_rows(cfg, eps, p, s, g, lr, norm):
-  """The rows' new values (:func:`sparse.clipped_step`), vmapped over stacked dims."""
-  one = lambda p, s, g: sparse.clipped_step(cfg, eps, p, s, g, lr, norm)  # noqa: E731
-  return sparse.over_lead(one, p.ndim - 2)(p, s, g)
+  """The staged rows' new values and state: :func:`sparse.update_rows` (the device's row update) on
+  the rows ``[..., U, D]`` as a table."""
+  ids = jax.numpy.broadcast_to(jax.numpy.arange(p.shape[-2], dtype=jax.numpy.int32), p.shape[:-1])
+  written, s = sparse.update_rows(cfg, eps, p, s, sparse.Rows(ids, g), lr, norm)
+  return written.table, s
 
 
 def _done(value) -> concurrent.futures.Future:

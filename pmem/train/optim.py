@@ -38,6 +38,7 @@ class TableOptimConfig:
   adagrad_init: float = 0.0  # initial sum of squares
   device_budget_bytes: int | None = None  # row-sparse tables (+ state) past this budget live on the host
   max_unique: int | None = None  # host tables: staged rows per batch (None: every id of the batch)
+  implementation: str = "auto"  # row-sparse update: sparse.ROW_IMPLEMENTATIONS (native: fused CPU Adam)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,15 +104,16 @@ def table_rows(v) -> int:
 
 
 def _is_rows(v) -> bool:
-  return isinstance(v.get_value(), sparse.Rows)
+  return isinstance(v.get_value(), (sparse.Rows, sparse.Written))
 
 
 class Optimizer:
   """optax-style ``init`` / ``update`` over the whole parameter tree.
 
   Ordinary parameters and dense-updated tables go through optax. Row-sparse tables take
-  :class:`sparse.Rows` gradients (from :func:`sparse.value_and_grad`) and return ``Rows`` of new
-  values, which :meth:`apply_updates` writes in place. ``host`` maps host-resident tables to their
+  :class:`sparse.Rows` gradients (from :func:`sparse.value_and_grad`); :meth:`update` writes their
+  touched rows in place and returns the new tables (:class:`sparse.Written`), which
+  :meth:`apply_updates` puts in the parameters. ``host`` maps host-resident tables to their
   rows (placeholders in ``params``; updated by ``pmem.train.host_tables``, not here)."""
 
   def __init__(self, cfg: OptimConfig, total_steps: int, host: dict[str, int] | None = None):
@@ -120,6 +122,9 @@ class Optimizer:
       raise ValueError(f"train.optim.tables.update must be one of {UPDATES}, got {t.update!r}")
     if t.optimizer not in sparse.OPTIMIZERS:
       raise ValueError(f"train.optim.tables.optimizer must be one of {sparse.OPTIMIZERS}, got {t.optimizer!r}")
+    if t.implementation not in sparse.ROW_IMPLEMENTATIONS:
+      raise ValueError(f"train.optim.tables.implementation must be one of {sparse.ROW_IMPLEMENTATIONS}, "
+                       f"got {t.implementation!r}")
     self.cfg, self.total_steps, self.host = cfg, total_steps, dict(host or {})
     self.lr = schedule(cfg, total_steps)
     decay_mask = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)  # no decay on norm scales
@@ -189,12 +194,12 @@ class Optimizer:
             {"dense": dense_s, "rows": rows_s, "count": state["count"] + 1})
 
   def apply_updates(self, params: nnx.State, updates: nnx.State) -> nnx.State:
-    """optax.apply_updates for dense leaves; new rows written in place for row-sparse tables."""
-    dense_u, new_rows = self._rows(updates)
-    tables = sparse.tables_of(params, lambda name, v: name in new_rows)
+    """optax.apply_updates for dense leaves; the row-sparse tables :meth:`update` wrote."""
+    dense_u, written = self._rows(updates)
+    tables = sparse.tables_of(params, lambda name, v: name in written)
     kept, dense_p = self._split(params, self._sparse)
-    kept = self._split(kept, lambda name, v: name not in new_rows)[0]  # host placeholders
-    new = {name: sparse.apply_rows(v.get_value(), new_rows[name]) for name, (_, v) in tables.items()}
+    kept = self._split(kept, lambda name, v: name not in written)[0]  # host placeholders
+    new = {name: written[name].table for name in tables}
     return nnx.merge_state(optax.apply_updates(dense_p, dense_u), kept, sparse.with_values(tables, new))
 
   def pop_host(self, grads: nnx.State) -> tuple[nnx.State, dict[str, sparse.Rows]]:
@@ -202,8 +207,8 @@ class Optimizer:
     host, rest = self._split(grads, lambda name, v: name in self.host)
     return rest, {sparse.name_of(p): v.get_value() for p, v in nnx.to_flat_state(host)}
 
-  def _rows(self, tree: nnx.State) -> tuple[nnx.State, dict[str, sparse.Rows]]:
-    """(the dense part of a gradient / update tree, ``{name: Rows}`` of its row-sparse tables)."""
+  def _rows(self, tree: nnx.State) -> tuple[nnx.State, dict]:
+    """(the dense part of a gradient / update tree, ``{name: Rows / Written}`` of its row-sparse tables)."""
     rows, rest = self._split(tree, lambda name, v: _is_rows(v))
     return rest, {sparse.name_of(p): v.get_value() for p, v in nnx.to_flat_state(rows)}
 
@@ -219,7 +224,8 @@ class Optimizer:
     """Norm of the dense parameters and of the rows row-sparse tables wrote this step (a norm
     of whole tables would cost a pass over them every step)."""
     dense = self._split(params, self._sparse)[1]
-    return jnp.sqrt(optax.tree.norm(dense, squared=True) + sparse.norm_sq(self._rows(updates)[1]))
+    written = sum((w.norm_sq for w in self._rows(updates)[1].values()), jnp.zeros((), jnp.float32))
+    return jnp.sqrt(optax.tree.norm(dense, squared=True) + written)
 
 
 def build(cfg: OptimConfig, total_steps: int) -> tuple[Optimizer, optax.Schedule]:

@@ -10,9 +10,13 @@
    bag's ids are compacted by its kernel (``kernels.embedding_bag_table_grad``, no ``[S·k, D]``
    rows): :class:`Rows` (sorted unique ids padded with ``V``, summed rows; ``min(N, V)`` slots).
    A table read several times sums the parts' rows.
-3. :func:`update_rows` gathers the touched rows of the table and of its optimizer state, applies
-   :func:`row_step` and scatters them back in place (``unique_indices``; the train step donates
-   its state, otherwise every scatter copies the table). Leading (stacked-layer) dims are vmapped.
+3. :func:`update_rows` writes the touched rows of the table and of its optimizer state in place
+   (the train step donates its state, otherwise every write copies the table): XLA gathers them,
+   applies :func:`row_step` and scatters them back (``unique_indices``; leading stacked-layer dims
+   vmapped); on CPU, Adam's rows are updated by one fused native pass (``pmem_row_adam``, see
+   :func:`implementation`), within float32 rounding of XLA's (XLA:CPU contracts multiply-adds
+   into FMAs differently for each expression shape; the kernel fuses them as XLA does without
+   clipping or decay).
 
 Optimizers (``TableOptimConfig.optimizer``), all on touched rows only, in optax's formulas:
 ``sgd``; ``adagrad`` (element-wise sum of squares, ``optax.scale_by_rss``); ``adagrad_rowwise``
@@ -35,18 +39,21 @@ adam, adamw        ``mu, nu [..., V, D]``, ``count [..., V]`` (int32)
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+import numpy as np
 from jaxtyping import Array, Float, Int
 
-from kernels import embedding_bag_table_grad
+from kernels import common, embedding_bag_table_grad, native
 from pmem.core.variables import MemoryTable
 from pmem.memory import lookup
 
 OPTIMIZERS = ("sgd", "adagrad", "adagrad_rowwise", "adam", "adamw")
+ROW_IMPLEMENTATIONS = ("auto", "xla", "native")
 
 
 @jax.tree_util.register_dataclass
@@ -246,24 +253,76 @@ def clipped_step(cfg, eps: float, p, s, g, lr, norm) -> tuple[jax.Array, dict[st
   return jax.lax.optimization_barrier(row_step(cfg, eps, p, s, clip(g, norm, cfg.clip_norm), lr))
 
 
+def implementation(cfg, dtype) -> str:
+  """The row update ``cfg.implementation`` names for a table of ``dtype``: ``"native"`` (the fused
+  in-place lazy Adam ``pmem_row_adam``: CPU, adam/adamw, float32, no multi-device mesh in context;
+  ``"auto"`` picks it there) or ``"xla"`` (gather, :func:`clipped_step`, scatter; SPMD-partitioned
+  by rows). Naming ``"native"`` where it cannot run raises. (Outside a mesh context a native call
+  on a sharded table runs replicated.)"""
+  name = cfg.implementation
+  if name == "xla":
+    return name
+  mesh = jax.sharding.get_abstract_mesh()
+  why = (f"optimizer {cfg.optimizer!r} (native: adam, adamw)" if cfg.optimizer not in ("adam", "adamw") else
+         f"{jnp.dtype(dtype).name} tables (native: float32)" if jnp.dtype(dtype) != jnp.float32 else
+         f"the {common.platform()} backend (native: cpu)" if common.platform() != "cpu" else
+         f"a mesh of {mesh.size} devices (native: one; XLA's update is partitioned by rows)"
+         if not mesh.empty and mesh.size > 1 else native.available())
+  if why is None:
+    return "native"
+  if name == "native":
+    raise common.Unavailable(f"the native row update cannot run: {why}")
+  return "xla"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Written:
+  """A row-sparse table after its update: the new table (touched rows written in place) and the
+  squared norm of the rows written."""
+  table: jax.Array
+  norm_sq: jax.Array
+
+
 def update_rows(cfg, eps: float, table: jax.Array, state: dict[str, jax.Array], grad: Rows, lr: jax.Array,
-                norm: jax.Array) -> tuple[Rows, dict[str, jax.Array]]:
-  """New rows of ``table`` (as :class:`Rows`, for :func:`apply_rows`) and its state with the
-  touched rows updated in place, for gradients clipped by the tables' global ``norm``; leading
-  (stacked) dims vmapped."""
+                norm: jax.Array) -> tuple[Written, dict[str, jax.Array]]:
+  """``table`` and its state with the rows ``grad`` touches updated in place (both donated by the
+  train step), for gradients clipped by the tables' global ``norm``; leading (stacked) dims are
+  vmapped (XLA) or flattened into rows (native)."""
+  if implementation(cfg, table.dtype) == "native":
+    return _native_adam(cfg, eps, table, state, grad, lr, norm)
 
   def one(t, st, ids, g):
     take = lambda x: x.at[ids].get(mode="fill", fill_value=0)
+    put = lambda x, r: x.at[ids].set(r.astype(x.dtype), mode="drop", unique_indices=True, indices_are_sorted=True)
     new, s_new = clipped_step(cfg, eps, take(t), {k: take(v) for k, v in st.items()}, g, lr, norm)
-    st = {k: v.at[ids].set(s_new[k], mode="drop", unique_indices=True, indices_are_sorted=True)
-          for k, v in st.items()}
-    return jnp.where((ids < t.shape[0])[:, None], new, 0), st
+    new = jnp.where((ids < t.shape[0])[:, None], new, 0)
+    return put(t, new), {k: put(v, s_new[k]) for k, v in st.items()}, jnp.sum(jnp.square(new.astype(jnp.float32)))
 
-  new, state = over_lead(one, table.ndim - 2)(table, state, grad.ids, grad.rows)
-  return Rows(grad.ids, new), state
+  table, state, sq = over_lead(one, table.ndim - 2)(table, state, grad.ids, grad.rows)
+  return Written(table, jnp.sum(sq)), state
 
 
-def apply_rows(table: jax.Array, new: Rows) -> jax.Array:
-  """Writes new rows into ``table`` in place (donated); padding ids are dropped."""
-  put = lambda t, i, r: t.at[i].set(r.astype(t.dtype), mode="drop", unique_indices=True, indices_are_sorted=True)
-  return over_lead(put, table.ndim - 2)(table, new.ids, new.rows)
+def _native_adam(cfg, eps: float, table, state, grad: Rows, lr, norm) -> tuple[Written, dict[str, jax.Array]]:
+  """:func:`update_rows` by ``pmem_row_adam``: stacked tables as one of ``L·V`` rows; the per-row
+  counts and bias corrections ``1 - b^c`` (XLA's ``pow``) stay in XLA."""
+  *lead, v, d = table.shape
+  n = math.prod(lead) * v
+  offset = (jnp.arange(math.prod(lead), dtype=jnp.int32) * v).reshape(*lead, 1)
+  ids = jnp.where(grad.ids < v, grad.ids + offset, n).reshape(-1)
+  flat = lambda x: x.reshape(n, *x.shape[len(lead) + 1:])  # noqa: E731
+  count = flat(state["count"])
+  c = count.at[ids].get(mode="fill", fill_value=0) + 1
+  bc = jnp.stack([1 - cfg.b1 ** c, 1 - cfg.b2 ** c], -1).astype(jnp.float32)
+  scal = jnp.stack([jnp.asarray(x, jnp.float32) for x in (lr, norm, cfg.clip_norm or 0.0, cfg.weight_decay)])
+  f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+  t, mu, nu, sq = native.call(
+      "pmem_row_adam", (f32((n, d)), f32((n, d)), f32((n, d)), f32(ids.shape)), flat(table), flat(state["mu"]),
+      flat(state["nu"]), ids, grad.rows.reshape(-1, d).astype(jnp.float32), bc, scal, aliases={0: 0, 1: 1, 2: 2},
+      b1=np.float32(cfg.b1), b2=np.float32(cfg.b2), one_minus_b1=np.float32(1 - cfg.b1),
+      one_minus_b2=np.float32(1 - cfg.b2), eps=np.float32(eps),
+      decay=np.int64(2 if cfg.optimizer == "adamw" else 1))
+  count = count.at[ids].set(c, mode="drop", unique_indices=True)
+  shaped = lambda x: x.reshape(table.shape)  # noqa: E731
+  state = {"mu": shaped(mu), "nu": shaped(nu), "count": count.reshape(state["count"].shape)}
+  return Written(shaped(t), jnp.sum(sq)), state
