@@ -45,6 +45,7 @@ from pmem.train import optim, sparse
 
 D, B, T, HEADS, TOPK, DIM_HEAD, LR = 256, 16, 256, 4, 32, 128, 1e-3
 UPDATES = ("dense", "row_sparse")
+IMPLS = ("lucidrains", *(f"pmem_{u}" for u in UPDATES))
 PAUSE_S = 0.5
 
 
@@ -89,8 +90,6 @@ def pmem_stepper(n_keys: int, update: str):
 
   return run
 
-
-IMPLS = ("lucidrains", *(f"pmem_{u}" for u in UPDATES))
 
 
 def measure(log2: int, steps: int, warmup: int, python: str) -> list[dict]:

@@ -170,7 +170,6 @@ ffi::Error BagWgrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Buff
   return ffi::Error::Success();
 }
 
-
 ffi::Error BagFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> idx,
                   ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> out) {
   const int64_t v = table.dimensions()[0], d = table.dimensions()[1];

@@ -216,7 +216,7 @@ class HostTables:
 def _update_rows(cfg, eps, p, s, g, lr, norm):
   """The staged rows' new values and state: :func:`sparse.update_rows` (the device's row update) on
   the rows ``[..., U, D]`` as a table."""
-  ids = jax.numpy.broadcast_to(jax.numpy.arange(p.shape[-2], dtype=jax.numpy.int32), p.shape[:-1])
+  ids = np.broadcast_to(np.arange(p.shape[-2], dtype=np.int32), p.shape[:-1])
   written, s = sparse.update_rows(cfg, eps, p, s, sparse.Rows(ids, g), lr, norm)
   return written.table, s
 

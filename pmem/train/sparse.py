@@ -44,8 +44,8 @@ from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 import numpy as np
+from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from kernels import common, embedding_bag_table_grad, native
