@@ -14,7 +14,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 find_python = $(shell for c in python$(1) python3 $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$(1)*/bin/python3 2>/dev/null | sort -V); do \
   command -v $$c >/dev/null 2>&1 && $$c -c 'import sys; v=sys.version_info[:2]; sys.exit(not ($(2)))' >/dev/null 2>&1 && { command -v $$c; break; }; done)
 
-.PHONY: run demo test test-slow test-all bench setup oracle clean
+.PHONY: run demo test test-slow test-all lint bench setup oracle clean
 
 run: setup
 	$(PY) -m experiments.headline --out $(WORKDIR) $(ARGS)
@@ -28,6 +28,10 @@ TUNED = GLIBC_TUNABLES="$$($(PY) -m pmem.core.runtime)"
 
 test: setup oracle
 	$(TUNED) $(PY) -m pytest -m "not slow" -n 2 $(PYTEST_ARGS)
+
+# ruff's pyflakes checks over the tree (config in pyproject.toml); CI runs it before the tests
+lint: setup
+	$(VENV)/bin/ruff check .
 
 test-slow: setup oracle
 	$(TUNED) $(PY) -m pytest -m slow $(PYTEST_ARGS)

@@ -1,10 +1,10 @@
 """Engram (arXiv 2601.07372): ``engram_tiny`` and the fiddlers ``engram(layers=(1,), ...)``,
 ``engram_ablation(kind=...)`` and ``engram_shape(max_order=..., heads=...)``.
 
-Each Engram layer is its own factory (its multipliers and table primes depend on the layer), placed
-before the layer's attention by ``LayerOverride(layers=(ℓ,), pre=(factory,))``; every factory
-also gets ``layers``, all Engram layers of the model, so table sizes are distinct primes across the
-model. Tables: Adam at 5x the base learning rate, no weight decay (paper v2, modules.md §2(a)).
+One factory serves every Engram layer, placed before the layers' attention by
+``LayerOverride(layers=layers, pre=(factory,))``; each layer takes its index from the decoder (its
+multipliers and table primes depend on it) and the factory names ``layers``, all Engram layers of
+the model, so table sizes are distinct primes across the model. Tables: Adam at 5x the base learning rate, no weight decay (paper v2, modules.md §2(a)).
 The paper puts Engram early (layer 2 is its best single layer; the demo uses [1, 15])."""
 
 from __future__ import annotations
@@ -49,14 +49,14 @@ def engram(cfg: fdl.Config, layers: Sequence[int] = (1,), max_order: int = 3, he
   layers = tuple(sorted({int(i) for i in layers}))
   if not layers or not all(0 <= i < cfg.model.n_layers for i in layers):
     raise ValueError(f"fiddler:engram layers={layers} must be a non-empty subset of 0..{cfg.model.n_layers - 1}")
-  size = table_size or 5 * cfg.model.vocab  # the demo: 5 x the vocabulary per order
-  new = []
-  for i in layers:
-    f = fdl.Partial(Engram, layer=i, layers=layers, d_mem=d_mem or cfg.model.d_model,
-                    table_sizes=(size,) * (max_order - 1), max_order=max_order, heads=heads, compress=compress,
-                    gate=gate, conv=conv, capacity_one=capacity_one, branches=branches, seed=seed, pad_id=pad_id)
-    new.append(fdl.Config(LayerOverride, layers=(i,), pre=(f,)))
-  cfg.model.overrides = (*cfg.model.overrides, *new)
+  # d_mem (default d_model) and table_size (default 5 x vocab, the demo's) follow the model unless given
+  f = fdl.Partial(Engram, layers=layers, max_order=max_order, heads=heads, compress=compress, gate=gate,
+                  conv=conv, capacity_one=capacity_one, branches=branches, seed=seed, pad_id=pad_id)
+  if d_mem is not None:
+    f.d_mem = d_mem
+  if table_size is not None:
+    f.table_sizes = (table_size,) * (max_order - 1)
+  cfg.model.overrides = (*cfg.model.overrides, fdl.Config(LayerOverride, layers=layers, pre=(f,)))
   t = cfg.train.optim.tables
   t.optimizer, t.lr_mult, t.weight_decay = "adam", 5.0, 0.0
 
@@ -76,7 +76,9 @@ def engram_ablation(cfg: fdl.Config, kind: str) -> None:
 def engram_shape(cfg: fdl.Config, max_order: int | None = None, heads: int | None = None) -> None:
   for f in _engram_factories(cfg, "engram_shape"):
     if max_order is not None:
-      f.table_sizes, f.max_order = (f.table_sizes[0],) * (max_order - 1), max_order
+      if getattr(f, "table_sizes", None) is not None:
+        f.table_sizes = (f.table_sizes[0],) * (max_order - 1)
+      f.max_order = max_order
     if heads is not None:
       f.heads = heads
 

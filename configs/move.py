@@ -27,19 +27,16 @@ def _attention_args(cfg: fdl.Config) -> dict:
                   "(paper) or, shared=False, one per layer")
 def move(cfg: fdl.Config, n_slots: int = 2, shared: bool = True) -> None:
   args = _attention_args(cfg)
-  cfg.model.sequence_mixer = fdl.Partial(MoveAttention, **args, vocab=cfg.model.vocab, n_slots=n_slots,
-                                         bank="shared" if shared else "layer")
-  if shared:
-    width = args["n_kv_heads"] * (args.get("head_dim") or cfg.model.d_model // args["n_heads"])
-    bank = fdl.Partial(MoveBank, vocab=cfg.model.vocab, n_slots=n_slots, width=width)
-    cfg.model.shared = (*cfg.model.shared, (MOVE_FEATURE, bank))
+  cfg.model.sequence_mixer = fdl.Partial(MoveAttention, **args, n_slots=n_slots, bank="shared" if shared else "layer")
+  if shared:  # the bank's value width is the attention's (vocab and d_model come from the decoder)
+    heads = {k: v for k, v in args.items() if k in ("n_heads", "n_kv_heads", "head_dim")}
+    cfg.model.shared = (*cfg.model.shared, (MOVE_FEATURE, fdl.Partial(MoveBank, n_slots=n_slots, **heads)))
 
 
 @fiddler("lave", "LaVE value embeddings on alternating layers (last included): lave(gate_channels=32, gate_scale=2.0)")
 def lave(cfg: fdl.Config, gate_channels: int = 32, gate_scale: float = 2.0) -> None:
-  mixer = fdl.Partial(LaveAttention, **_attention_args(cfg), vocab=cfg.model.vocab,
-                      gate_channels=gate_channels, gate_scale=gate_scale)
-  over = fdl.Config(LayerOverride, layers=lave_layers(cfg.model.n_layers), sequence_mixer=mixer)
+  mixer = fdl.Partial(LaveAttention, **_attention_args(cfg), gate_channels=gate_channels, gate_scale=gate_scale)
+  over = fdl.Config(LayerOverride, layers=fdl.Partial(lave_layers), sequence_mixer=mixer)  # follows n_layers
   cfg.model.overrides = (*cfg.model.overrides, over)
 
 

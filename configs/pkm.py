@@ -4,8 +4,8 @@ W_out(o ⊙ SiLU(W_in x)), optionally gated).
 
 Knobs: ``layers`` (default: the middle layer ``n_layers // 2``), ``n_keys`` (√N sub-keys per half),
 ``heads``, ``k``, ``d_k``, ``shared_values`` (one value table for every memory layer, Meta's
-``mem_share_values``: a ``PKMValues`` in ``model.shared``, each layer its own ``LayerOverride`` with
-``layer=i`` so the layers are never stacked into one scanned stage), ``query_norm``, ``gated`` and
+``mem_share_values``: a ``PKMValues`` in ``model.shared``; memory layers take their index from the
+decoder, so they are never stacked into one scanned stage), ``query_norm``, ``gated`` and
 ``value_lr``. The values get the reference's optimizer (Meta's ``fixed_lr``): AdamW at ``value_lr``
 (1e-3) under the backbone's schedule, with its weight decay, betas and clip norm
 (``train.optim.tables.*``; ``lr_mult = value_lr / train.optim.lr``, so a later ``set:train.optim.lr``
@@ -17,7 +17,7 @@ import fiddle as fdl
 
 from configs import config, fiddler
 from configs.base import experiment
-from pmem.memory.pkm import PKM, VALUES_FEATURE, MemoryPlus, PKMValues
+from pmem.memory.pkm import PKM, VALUES_FEATURE, MemoryPlus, PKMValues, middle_layer
 from pmem.models import LayerOverride
 
 
@@ -40,17 +40,17 @@ def _place(cfg: fdl.Config, cls: type, layers, n_keys: int, heads: int, k: int, 
     raise ValueError("the config already has product-key memory layers (config:pkm_tiny / memory_plus_tiny or "
                      "an earlier fiddler:pkm / memory_plus)")
   n_layers = cfg.model.n_layers
-  layers = (n_layers // 2,) if layers is None else tuple(sorted({int(i) for i in layers}))
-  if not layers or any(not 0 <= i < n_layers for i in layers):
-    raise ValueError(f"memory layers {layers} must be a non-empty subset of 0..{n_layers - 1}")
-  args = dict(n_keys=n_keys, heads=heads, k=k, d_k=d_k, query_norm=query_norm, gated=gated)
+  if layers is None:  # the middle layer of whatever n_layers the model ends up with
+    layers = fdl.Partial(middle_layer)
+  else:
+    layers = tuple(sorted({int(i) for i in layers}))
+    if not layers or any(not 0 <= i < n_layers for i in layers):
+      raise ValueError(f"memory layers {layers} must be a non-empty subset of 0..{n_layers - 1}")
+  mixer = fdl.Partial(cls, n_keys=n_keys, heads=heads, k=k, d_k=d_k, query_norm=query_norm, gated=gated)
   if shared_values:
     cfg.model.shared = (*cfg.model.shared, (VALUES_FEATURE, fdl.Partial(PKMValues, n_keys=n_keys)))
-    new = [fdl.Config(LayerOverride, layers=(i,), channel_mixer=fdl.Partial(cls, **args, values=VALUES_FEATURE,
-                                                                            layer=i)) for i in layers]
-  else:
-    new = [fdl.Config(LayerOverride, layers=layers, channel_mixer=fdl.Partial(cls, **args))]
-  cfg.model.overrides = (*cfg.model.overrides, *new)
+    mixer.values = VALUES_FEATURE
+  cfg.model.overrides = (*cfg.model.overrides, fdl.Config(LayerOverride, layers=layers, channel_mixer=mixer))
   value_optimizer(cfg, value_lr)
 
 

@@ -29,6 +29,13 @@ def _only_stem_override(cfg: fdl.Config, fiddler_name: str):
   return found[0]
 
 
+def _layers(cfg: fdl.Config, schedule) -> fdl.Partial:
+  """The schedule as a function of ``n_layers`` (resolved by the decoder, so it follows a later
+  ``set:model.n_layers``), checked against the current model."""
+  _schedule(cfg.model.n_layers, schedule)
+  return fdl.Partial(_schedule, schedule=schedule)
+
+
 def stem_table_optimizer(cfg: fdl.Config) -> None:
   """Tables: AdamW with the backbone's lr, betas and weight decay, clipped separately at its clip norm."""
   o, t = cfg.train.optim, cfg.train.optim.tables
@@ -37,13 +44,12 @@ def stem_table_optimizer(cfg: fdl.Config) -> None:
 
 
 @fiddler("stem", "replace FFNs by STEM: stem(schedule='all_but_first'|'third'|'half'|'all'|(i, ...), "
-                 "variant='stem'|'replace_gate'|'additive'); d_ff and vocab from the model; table optimizer "
-                 "as the reference")
+                 "variant='stem'|'replace_gate'|'additive'); vocab, d_ff and the layers follow the model; "
+                 "table optimizer as the reference")
 def stem(cfg: fdl.Config, schedule="all_but_first", variant: str = "stem") -> None:
   if _stem_overrides(cfg):
     raise ValueError("the config already has STEM layers; use fiddler:stem_layers / fiddler:stem_variant")
-  mixer = fdl.Partial(STEM, d_ff=cfg.model.channel_mixer.d_ff, vocab=cfg.model.vocab, variant=variant)
-  over = fdl.Config(LayerOverride, layers=_schedule(cfg.model.n_layers, schedule), channel_mixer=mixer)
+  over = fdl.Config(LayerOverride, layers=_layers(cfg, schedule), channel_mixer=fdl.Partial(STEM, variant=variant))
   cfg.model.overrides = (*cfg.model.overrides, over)
   stem_table_optimizer(cfg)
 
@@ -54,9 +60,9 @@ def stem_variant(cfg: fdl.Config, variant: str = "stem") -> None:
 
 
 @fiddler("stem_layers", "STEM layers: stem_layers(schedule='all_but_first'|'third'|'half'|'all'|(i, ...)) "
-                        "for the current model.n_layers")
+                        "of model.n_layers")
 def stem_layers(cfg: fdl.Config, schedule="all_but_first") -> None:
-  _only_stem_override(cfg, "stem_layers").layers = _schedule(cfg.model.n_layers, schedule)
+  _only_stem_override(cfg, "stem_layers").layers = _layers(cfg, schedule)
 
 
 @config("stem_tiny", "tiny with STEM FFNs on layers 1-3 (the reference's all-but-first), V=256 byte tables")

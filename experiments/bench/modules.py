@@ -112,7 +112,7 @@ def main() -> None:
               for n in sizes}
     race(scaled, rounds)
     base = scaled[sizes[0]].record("", "table_rows")["step_s"]
-    print(f"\nEngram (row-sparse tables) step time vs rows per head table\n| rows | step ms | / smallest |\n|---|---|---|")
+    print("\nEngram (row-sparse tables) step time vs rows per head table\n| rows | step ms | / smallest |\n|---|---|---|")
     for n, run in scaled.items():
       r = run.record(f"engram_tiny@{n}", "table_rows", rows=n)
       r["ratio"] = r["step_s"] / base

@@ -39,7 +39,7 @@ from flax import nnx
 
 from experiments.bench.common import ROOT, TorchWorker, available_bytes
 from pmem.core import runtime
-from pmem.memory.base import TokenContext
+from pmem.core.mixer import TokenContext
 from pmem.memory.pkm import PKM
 from pmem.train import optim, sparse
 

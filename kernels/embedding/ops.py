@@ -33,7 +33,7 @@ class CompactGrad(NamedTuple):
   ``ids == V`` (out of range, so ``.at[ids].add(..., mode="drop")`` ignores them) and zero rows. ``N``
   is the static number of looked-up ids. ``rows`` has the dtype of the cotangent ``g``.
   """
-  ids: Int[Array, "N"]
+  ids: Int[Array, " N"]
   rows: Float[Array, "N D"]
   count: Int[Array, ""]
 

@@ -30,7 +30,7 @@ def _fused_bwd(name, eps, res, cts):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def fused_add_rmsnorm(x: Float[Array, "... D"], residual: Float[Array, "... D"], scale: Float[Array, "D"],
+def fused_add_rmsnorm(x: Float[Array, "... D"], residual: Float[Array, "... D"], scale: Float[Array, " D"],
                       eps: float = 1e-6, *, implementation: str = "auto"
                       ) -> tuple[Float[Array, "... D"], Float[Array, "... D"]]:
   """``(normed, new_residual)`` with ``new_residual = x + residual`` (in x's dtype) and

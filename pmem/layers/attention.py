@@ -12,7 +12,7 @@ from pmem.core.registry import SEQUENCE_MIXERS
 from pmem.core.rules import constrain
 from pmem.layers.init import fan_in_normal
 from pmem.layers.rope import apply_rope
-from pmem.memory.base import TokenContext
+from pmem.core.mixer import TokenContext
 
 
 def segment_causal_mask(segment_ids: jax.Array) -> jax.Array:

@@ -11,7 +11,7 @@ from pmem.core import accounting
 from pmem.core.registry import CHANNEL_MIXERS
 from pmem.core.rules import constrain
 from pmem.layers.init import fan_in_normal
-from pmem.memory.base import TokenContext
+from pmem.core.mixer import TokenContext
 
 
 @CHANNEL_MIXERS.register("swiglu")

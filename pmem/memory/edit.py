@@ -28,7 +28,7 @@ from jaxtyping import Array, Float, Int
 
 from pmem.core.variables import MemoryTable
 from pmem.memory import lookup
-from pmem.memory.base import TokenContext
+from pmem.core.mixer import TokenContext
 
 MEMORY_IDS, MEMORY_WEIGHTS = "memory_ids", "memory_weights"
 MODES = ("one_to_one", "average", "copy", "pad", "auto")
@@ -42,7 +42,7 @@ def token_rows(table, ctx: TokenContext) -> Float[Array, "B T D"]:
   return lookup.bag(table, ctx.features[MEMORY_IDS], ctx.features[MEMORY_WEIGHTS])
 
 
-def retarget(ids: Int[np.ndarray, "T"], span: tuple[int, int], target: Int[np.ndarray, "J"], mode: str = "auto",
+def retarget(ids: Int[np.ndarray, " T"], span: tuple[int, int], target: Int[np.ndarray, " J"], mode: str = "auto",
              pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """Memory ids ``[T, J']`` and weights ``[T, J']`` reading ``target``'s rows at ``ids[span[0]:span[1]]``
   and each token's own row elsewhere (``mode``: module docstring)."""
@@ -80,7 +80,7 @@ def _token_tables(params: nnx.State, select: Callable[[str], bool]) -> list[tupl
           and select("/".join(map(str, p)))]
 
 
-def write_rows(params: nnx.State, path: tuple, ids: Int[np.ndarray, "N"], rows: Float[Array, "... N D"]) -> nnx.State:
+def write_rows(params: nnx.State, path: tuple, ids: Int[np.ndarray, " N"], rows: Float[Array, "... N D"]) -> nnx.State:
   """``params`` with rows ``ids`` of the table at ``path`` (stacked layers: all of them) set to ``rows``."""
   flat = dict(nnx.to_flat_state(params))
   if path not in flat or not isinstance(flat[path], MemoryTable):
@@ -92,7 +92,7 @@ def write_rows(params: nnx.State, path: tuple, ids: Int[np.ndarray, "N"], rows: 
   return nnx.from_flat_state(list(flat.items()))
 
 
-def inject(params: nnx.State, source: Int[np.ndarray, "N"], target: Int[np.ndarray, "J"], mode: str = "auto",
+def inject(params: nnx.State, source: Int[np.ndarray, " N"], target: Int[np.ndarray, " J"], mode: str = "auto",
            select: Callable[[str], bool] = lambda path: True) -> nnx.State:
   """Copies the target tokens' rows onto the source tokens' rows in every selected token-indexed
   table (``average``: each source row becomes the mean of the target rows)."""

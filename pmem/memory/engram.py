@@ -62,7 +62,7 @@ from pmem.core.rules import constrain
 from pmem.core.variables import MemoryTable
 from pmem.layers.init import fan_in_normal
 from pmem.memory import diagnostics, edit, lookup
-from pmem.memory.base import HostFeatures, TokenContext
+from pmem.core.mixer import HostFeatures, TokenContext
 
 GATES = ("paper", "sqrt", "none")
 KERNEL = 4  # conv taps (paper, demo)
@@ -189,18 +189,25 @@ def _rms(x: Float[Array, "... D"], eps: float = 1e-6) -> Float[Array, "... D"]:
 
 @CHANNEL_MIXERS.register("engram")
 class Engram(nnx.Module):
-  """One Engram layer (module docstring); ``layer`` is this layer's index and ``layers`` all Engram
-  layers of the model in order (prime table sizes are distinct across all of them).
+  """One Engram layer (module docstring); ``layer`` is this layer's index (from the decoder) and
+  ``layers`` all Engram layers of the model in order (prime table sizes are distinct across all of them).
 
-  ``table_sizes``: base rows per head table, one per order 2..N (an int serves every order);
+  ``table_sizes``: base rows per head table, one per order 2..N (an int serves every order; default
+  5 × the model's ``vocab``, the demo's); ``d_mem``: default ``d_model``;
   ``capacity_one``: every head table has a single row (the capacity-1 control, modules.md §2(e));
   ``compress=False``: hash raw ids; ``gate``: one of ``GATES``; ``conv=False``: no conv branch."""
 
-  def __init__(self, d_model: int, layer: int, layers: Sequence[int], d_mem: int, table_sizes: int | Sequence[int],
-               max_order: int = 3, heads: int = 8, compress: bool = True, gate: str = "paper", conv: bool = True,
-               capacity_one: bool = False, branches: int = 1, seed: int = 0, pad_id: int = 0,
+  def __init__(self, d_model: int, layer: int, layers: Sequence[int], d_mem: int | None = None,
+               table_sizes: int | Sequence[int] | None = None, max_order: int = 3, heads: int = 8,
+               compress: bool = True, gate: str = "paper", conv: bool = True, capacity_one: bool = False,
+               branches: int = 1, seed: int = 0, pad_id: int = 0, vocab: int | None = None,
                out_scale: float = 1.0, dtype: str = "float32", *, rngs: nnx.Rngs):
     layers = tuple(int(i) for i in layers)
+    d_mem = d_mem or d_model
+    if table_sizes is None:
+      if vocab is None:
+        raise ValueError("Engram needs table_sizes or the model's vocab (table_sizes = 5 * vocab per order)")
+      table_sizes = 5 * vocab
     if gate not in GATES:
       raise ValueError(f"Engram gate must be one of {GATES}, got {gate!r}")
     if max_order < 2:

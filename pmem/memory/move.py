@@ -48,7 +48,7 @@ from pmem.layers.attention import Attention
 from pmem.layers.init import fan_in_normal
 from pmem.memory import diagnostics
 from pmem.memory.edit import token_rows
-from pmem.memory.base import TokenContext
+from pmem.core.mixer import TokenContext
 
 MOVE_FEATURE = "move"
 BANKS = ("layer", "shared")
@@ -68,10 +68,13 @@ def _value_table(key, vocab: int, width: int, d_model: int) -> MemoryTable:
 class MoveBank(nnx.Module):
   """The shared MoVE bank ``E ∈ R^{V×M×d_v}``, stored ``[V, M·d_v]`` (slot-major rows):
   ``bank(ids)`` is the once-per-token lookup every ``bank="shared"`` MoVE layer reads from
-  ``ctx.features[MOVE_FEATURE]``."""
+  ``ctx.features[MOVE_FEATURE]``. ``d_v = n_kv_heads · (head_dim or d_model // n_heads)``, the value
+  width of the attention layers it serves (given their head counts; ``d_model`` and ``vocab`` come
+  from the decoder)."""
 
-  def __init__(self, d_model: int, vocab: int, n_slots: int, width: int, dtype: str = "float32", *,
-               rngs: nnx.Rngs):
+  def __init__(self, d_model: int, vocab: int, n_slots: int, n_heads: int, n_kv_heads: int,
+               head_dim: int | None = None, dtype: str = "float32", *, rngs: nnx.Rngs):
+    width = n_kv_heads * (head_dim or d_model // n_heads)
     self.vocab, self.n_slots, self.width, self.dtype = vocab, n_slots, width, jnp.dtype(dtype)
     self.table = _value_table(rngs.params(), vocab, n_slots * width, d_model)
 
@@ -108,7 +111,11 @@ class MoveAttention(Attention):
     if MOVE_FEATURE not in ctx.features:
       raise KeyError(f"MoveAttention(bank='shared') reads the shared bank's rows from "
                      f"ctx.features[{MOVE_FEATURE!r}] (MoveBank), which this context lacks")
-    return ctx.features[MOVE_FEATURE]
+    rows, want = ctx.features[MOVE_FEATURE], self.n_slots * self.n_kv_heads * self.head_dim
+    if rows.shape[-1] != want:
+      raise ValueError(f"MoVE attention needs shared bank rows of n_slots·n_kv_heads·head_dim = {want} but the "
+                       f"MoveBank in model.shared gives {rows.shape[-1]}; give both the same n_slots and heads")
+    return rows
 
   def mix_values(self, v: Float[Array, "B T K H"], x: Float[Array, "B T D"],
                  ctx: TokenContext) -> Float[Array, "B T K H"]:

@@ -33,7 +33,8 @@ sharding apply. With ``values="<name>"`` the layer owns no table and reads the o
 :class:`PKMValues` in ``DecoderConfig.shared`` builds (``ctx.features[name]``): Meta's
 ``mem_share_values``, one table for every memory layer, each keeping its own queries, keys and
 projections. Such layers must not be stacked into one scanned stage (row-sparse reads are matched
-to their probes by trace order): give each its own ``layer=`` so their specs differ.
+to their probes by trace order): the layer takes its index ``layer`` from the decoder, so the decoder
+builds each memory layer alone (:mod:`pmem.core.mixer`).
 
 Init (Meta's ``HashingMemory``): sub-keys uniform ±1/√d_k, values N(0, 1/d_v), W_q xavier-uniform,
 W_in and W_out N(0, 1/d) (W_out times the decoder's depth factor ``out_scale``), w_g N(0, 1/d); no
@@ -56,10 +57,15 @@ from pmem.core.registry import CHANNEL_MIXERS
 from pmem.core.rules import constrain
 from pmem.core.variables import MemoryTable
 from pmem.memory import diagnostics, lookup
-from pmem.memory.base import TokenContext
+from pmem.core.mixer import TokenContext
 
 QUERY_NORMS = ("layernorm", "rmsnorm", "none")
 VALUES_FEATURE = "pkm_values"
+
+
+def middle_layer(n_layers: int) -> tuple[int]:
+  """The default placement of one memory layer: ``n_layers // 2``."""
+  return (n_layers // 2,)
 
 
 def xavier_uniform(key, shape: tuple[int, int], dtype=jnp.float32) -> jax.Array:
@@ -107,7 +113,7 @@ class PKM(nnx.Module):
   ``n_keys``: sub-keys per half (√N; N = n_keys² slots), ``heads``: H, ``k``: rows per head,
   ``d_k``: query width per head (two halves of d_k/2), ``d_v``: value width (default d_model),
   ``values``: name of a shared :class:`PKMValues` feature (None: the layer owns its table),
-  ``layer``: a tag that keeps layers with shared values out of one scanned stage."""
+  ``layer``: the layer's index (from the decoder; it keeps memory layers out of scanned stacks)."""
 
   swilu = False
 

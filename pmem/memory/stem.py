@@ -11,8 +11,10 @@ per-layer token-indexed table.
 Inits follow the reference (``Infini-AI-Lab/STEM``, Lingua): the table is xavier-normal over the
 whole ``V × d_ff`` matrix (std sqrt(2 / (V + d_ff))); W_g (and W_u) a normal with std d^-0.5
 truncated at ±3σ; W_d std d_ff^-0.5 times the decoder's depth factor ``out_scale``, truncated at
-±3σ. Place STEM with ``LayerOverride(layers=stem_layers(n_layers, schedule), channel_mixer=...)``;
-the reference default replaces every FFN but layer 0 (``"all_but_first"``).
+±3σ. ``vocab`` comes from the decoder and ``d_ff`` defaults to the width of the FFN it replaces
+(:mod:`pmem.core.mixer`). Place STEM with ``LayerOverride(layers=functools.partial(stem_layers,
+schedule=...), channel_mixer=...)`` (the schedule follows ``model.n_layers``); the reference default
+replaces every FFN but layer 0 (``"all_but_first"``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float
 
 from pmem.core import accounting
 from pmem.core.registry import CHANNEL_MIXERS
@@ -30,7 +32,7 @@ from pmem.core.rules import constrain
 from pmem.core.variables import MemoryTable
 from pmem.memory import diagnostics
 from pmem.memory.edit import token_rows
-from pmem.memory.base import TokenContext
+from pmem.core.mixer import TokenContext
 
 VARIANTS = ("stem", "replace_gate", "additive")
 SCHEDULES = ("all_but_first", "third", "half", "all")
@@ -75,10 +77,12 @@ def stem_layers(n_layers: int, schedule: str | Sequence[int] = "all_but_first") 
 class STEM(nnx.Module):
   """y = W_d (SiLU(W_g x) ⊙ U[t]) (``variant="stem"``); see the module docstring for the others."""
 
-  def __init__(self, d_model: int, d_ff: int, vocab: int, variant: str = "stem", out_scale: float = 1.0,
-               dtype: str = "float32", *, rngs: nnx.Rngs):
+  def __init__(self, d_model: int, vocab: int, d_ff: int | None = None, variant: str = "stem",
+               out_scale: float = 1.0, dtype: str = "float32", *, rngs: nnx.Rngs):
     if variant not in VARIANTS:
       raise ValueError(f"unknown STEM variant {variant!r}; one of {VARIANTS}")
+    if d_ff is None:
+      raise ValueError("STEM needs d_ff: the model's channel mixer has no d_ff to inherit; give STEM its own")
     k = rngs.params
     self.d_model, self.d_ff, self.vocab, self.variant, self.dtype = d_model, d_ff, vocab, variant, jnp.dtype(dtype)
     # index="inputs": rows are read at the batch's input token ids (known before the forward).

@@ -3,7 +3,8 @@
 Each layer is ``x += pre_i(norm_i(x))...; x += seq(norm(x)); x += aug_i(norm_i(x))...;
 x += channel(norm(x))`` where the sequence mixer, the channel mixer and any extra residual
 branches (``pre`` before the sequence mixer, e.g. Engram; ``augment`` after it) are factories
-(Fiddle partials or registry names). A memory module replaces or augments the FFN of chosen layers through
+(Fiddle partials or registry names), each built with the model facts it takes
+(:func:`pmem.core.mixer.build`). A memory module replaces or augments the FFN of chosen layers through
 :class:`LayerOverride`; this file never changes when a new module is added. Runs of identical
 consecutive layers are stacked and scanned.
 """
@@ -21,23 +22,28 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from pmem.core import accounting
+from pmem.core import accounting, mixer
 from pmem.core.registry import CHANNEL_MIXERS, SEQUENCE_MIXERS, unknown
 from pmem.core.rules import constrain
 from pmem.layers.embed import Embed
 from pmem.layers.init import fan_in_normal
 from pmem.layers.norms import RMSNorm
 from pmem.memory import diagnostics
-from pmem.memory.base import TokenContext
+from pmem.core.mixer import TokenContext
 
 Factory = Callable[..., nnx.Module] | str
+
+
+Layers = tuple[int, ...] | Callable[[int], Sequence[int]]
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerOverride:
   """Replace the channel/sequence mixer of ``layers`` or add residual branches to them: ``pre``
-  before the sequence mixer (at the start of the block), ``augment`` after it."""
-  layers: tuple[int, ...]
+  before the sequence mixer (at the start of the block), ``augment`` after it. ``layers`` is a
+  tuple of indices or a schedule ``n_layers -> indices`` (a placement that follows
+  ``model.n_layers``, e.g. STEM's ``all_but_first``)."""
+  layers: Layers
   channel_mixer: Factory | None = None
   sequence_mixer: Factory | None = None
   augment: tuple[Factory, ...] = ()
@@ -82,50 +88,81 @@ def _same(a, b) -> bool:
       len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b)))
 
 
+def override_layers(o: LayerOverride, n_layers: int) -> tuple[int, ...]:
+  """The indices ``o`` applies to in a model of ``n_layers`` layers, checked."""
+  layers = tuple(int(i) for i in (o.layers(n_layers) if callable(o.layers) else o.layers))
+  bad = [i for i in layers if not 0 <= i < n_layers]
+  if bad:
+    raise ValueError(f"an override names layer {bad[0]} but model.n_layers={n_layers} (layers 0..{n_layers - 1})")
+  return layers
+
+
 def layer_specs(cfg: DecoderConfig) -> list[tuple[Factory, Factory, tuple[Factory, ...], tuple[Factory, ...]]]:
   """(sequence mixer, channel mixer, augment, pre) for each layer after applying overrides."""
   specs = [(cfg.sequence_mixer, cfg.channel_mixer, (), ()) for _ in range(cfg.n_layers)]
   for o in cfg.overrides:
-    for i in o.layers:
-      if not 0 <= i < cfg.n_layers:
-        raise ValueError(f"override names layer {i}; the model has layers 0..{cfg.n_layers - 1}")
+    for i in override_layers(o, cfg.n_layers):
       s, c, a, p = specs[i]
       specs[i] = (o.sequence_mixer or s, o.channel_mixer or c, a + tuple(o.augment), p + tuple(o.pre))
   return specs
 
 
+def _per_layer(spec) -> bool:
+  """Whether a factory of ``spec`` takes the layer index (so its layers are built one by one)."""
+  seq, ch, aug, pre = spec
+  return any(mixer.takes(_resolve(f, r), "layer") for fs, r in (((seq,), SEQUENCE_MIXERS), ((ch, *aug, *pre),
+                                                                CHANNEL_MIXERS)) for f in fs)
+
+
 def stages(specs) -> list[tuple[int, int]]:
-  """Maximal runs [start, stop) of identical consecutive layer specs."""
+  """Maximal runs [start, stop) of identical consecutive layer specs whose factories do not take
+  their layer index."""
   out, start = [], 0
   for i in range(1, len(specs) + 1):
-    if i == len(specs) or not all(_same(x, y) for x, y in zip(specs[i], specs[start])):
+    if (i == len(specs) or _per_layer(specs[start])
+        or not all(_same(x, y) for x, y in zip(specs[i], specs[start]))):
       out.append((start, i))
       start = i
   return out
 
 
+def facts(cfg: DecoderConfig, layer: int | None = None) -> dict[str, Any]:
+  """The model facts a factory may take (:data:`pmem.core.mixer.FACTS`, ``d_ff`` as a default);
+  ``layer=None`` for the shared per-forward modules."""
+  out = dict(vocab=cfg.vocab, d_model=cfg.d_model, n_layers=cfg.n_layers, dtype=cfg.dtype)
+  if layer is not None:
+    out.update(layer=layer, out_scale=(2 * cfg.n_layers) ** -0.5)
+  base = _resolve(cfg.channel_mixer, CHANNEL_MIXERS)
+  if isinstance(base, functools.partial) and "d_ff" in base.keywords:
+    out["d_ff"] = base.keywords["d_ff"]
+  return out
+
+
 class Block(nnx.Module):
 
-  def __init__(self, cfg: DecoderConfig, spec, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: DecoderConfig, spec, layer: int, *, rngs: nnx.Rngs):
     seq, ch, aug, pre = spec
-    d = cfg.d_model
-    out_scale = (2 * cfg.n_layers) ** -0.5
-    norm = functools.partial(RMSNorm, d, cfg.norm_eps, implementation=cfg.kernel_impl)
+    norm = functools.partial(RMSNorm, cfg.d_model, cfg.norm_eps, implementation=cfg.kernel_impl)
+    f = facts(cfg, layer)
+
+    def make(factory, registry):
+      return mixer.build(_resolve(factory, registry), f, rngs=rngs)
+
     self.norm_pre = nnx.List([norm() for _ in pre])
-    self.pre = nnx.List([_resolve(p, CHANNEL_MIXERS)(d_model=d, dtype=cfg.dtype, rngs=rngs) for p in pre])
+    self.pre = nnx.List([make(p, CHANNEL_MIXERS) for p in pre])
     self.norm_seq = norm()
-    self.seq = _resolve(seq, SEQUENCE_MIXERS)(d_model=d, out_scale=out_scale, dtype=cfg.dtype, rngs=rngs)
+    self.seq = make(seq, SEQUENCE_MIXERS)
     self.norm_aug = nnx.List([norm() for _ in aug])
-    self.aug = nnx.List([_resolve(a, CHANNEL_MIXERS)(d_model=d, dtype=cfg.dtype, rngs=rngs) for a in aug])
+    self.aug = nnx.List([make(a, CHANNEL_MIXERS) for a in aug])
     self.norm_ch = norm()
-    self.ch = _resolve(ch, CHANNEL_MIXERS)(d_model=d, out_scale=out_scale, dtype=cfg.dtype, rngs=rngs)
+    self.ch = make(ch, CHANNEL_MIXERS)
 
   def __call__(self, x: Float[Array, "B T D"], ctx: TokenContext) -> Float[Array, "B T D"]:
     norms = [*self.norm_pre, self.norm_seq, *self.norm_aug, self.norm_ch]
     mixers = [*self.pre, self.seq, *self.aug, self.ch]
     h = norms[0](x)
-    for i, mixer in enumerate(mixers):
-      y = mixer(h, ctx)
+    for i, m in enumerate(mixers):
+      y = m(h, ctx)
       chex.assert_equal_shape([x, y])  # every mixer maps [B, T, D] -> [B, T, D]
       if i + 1 < len(mixers):  # the residual add fused with the next branch's norm
         h, x = norms[i + 1].add_and_norm(y.astype(x.dtype), x)
@@ -141,17 +178,18 @@ class Block(nnx.Module):
 class Stage(nnx.Module):
   """``n`` identical blocks; stacked (leading layer axis) and scanned when ``scan`` is set."""
 
-  def __init__(self, cfg: DecoderConfig, spec, n: int, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: DecoderConfig, spec, start: int, n: int, *, rngs: nnx.Rngs):
     self.n, self.scan = n, cfg.scan_layers and n > 1
     if cfg.remat not in REMAT_POLICIES:
       raise unknown("remat policy", cfg.remat, REMAT_POLICIES)
     self.policy = REMAT_POLICIES[cfg.remat]
     self.remat = cfg.remat != "none"
     if self.scan:
-      make = nnx.vmap(lambda r: Block(cfg, spec, rngs=r), in_axes=0, out_axes=0)
+      # stacked specs take no layer index (stages()), so ``start`` serves every layer
+      make = nnx.vmap(lambda r: Block(cfg, spec, start, rngs=r), in_axes=0, out_axes=0)
       self.blocks = make(rngs.split(n))
     else:
-      self.blocks = nnx.List([Block(cfg, spec, rngs=rngs) for _ in range(n)])
+      self.blocks = nnx.List([Block(cfg, spec, start + i, rngs=rngs) for i in range(n)])
 
   def __call__(self, x: Float[Array, "B T D"], ctx: TokenContext) -> Float[Array, "B T D"]:
     def apply(block, h):
@@ -181,8 +219,9 @@ class Decoder(nnx.Module):
     self.cfg = cfg
     self.embed = Embed(cfg.vocab, cfg.d_model, rngs=rngs)
     specs = layer_specs(cfg)
-    self.stages = nnx.List([Stage(cfg, specs[a], b - a, rngs=rngs) for a, b in stages(specs)])
-    self.shared = nnx.Dict({name: f(d_model=cfg.d_model, dtype=cfg.dtype, rngs=rngs) for name, f in cfg.shared})
+    self.stages = nnx.List([Stage(cfg, specs[a], a, b - a, rngs=rngs) for a, b in stages(specs)])
+    self.shared = nnx.Dict({name: mixer.build(f, facts(cfg), rngs=rngs, what=f"model.shared[{name!r}]")
+                            for name, f in cfg.shared})
     self.norm_out = RMSNorm(cfg.d_model, cfg.norm_eps)
     if not cfg.tie_embeddings:
       self.head = nnx.Param(fan_in_normal(rngs.params(), (cfg.d_model, cfg.vocab), cfg.d_model),

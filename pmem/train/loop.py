@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from pmem.core import accounting, mesh as mesh_lib, rules
 from pmem.core.variables import is_variable
 from pmem.data.pipeline import FIELDS, DataConfig, Pipeline
-from pmem.memory.base import batch_features
+from pmem.core.mixer import batch_features
 from pmem.models.decoder import Decoder, DecoderConfig
 from pmem.train import checkpoint as ckpt_lib, host_tables, inspect, optim, sparse, step as step_lib
 from pmem.train.evaluate import EvalConfig, Evaluator
@@ -164,7 +164,7 @@ class Trainer:
         self.it.set_state(meta["data"]["iterator"])
 
   def featurize(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``batch`` with the model's host-computed fields added (pmem.memory.base.batch_features)."""
+    """``batch`` with the model's host-computed fields added (pmem.core.mixer.batch_features)."""
     return {**batch, **self.features(batch)} if self.features else batch
 
   def to_device(self, local: dict[str, np.ndarray], rows: Sequence[int]) -> dict[str, jax.Array]:

@@ -88,7 +88,7 @@ def row_axis(v) -> int:
   return v.ndim - 2
 
 
-def compact(ids: Int[Array, "N"], grads: Float[Array, "N D"], num_rows: int) -> Rows:
+def compact(ids: Int[Array, " N"], grads: Float[Array, "N D"], num_rows: int) -> Rows:
   """Sorted unique ids (padding ``num_rows``) and each id's rows summed in float32 in occurrence
   order (each row is added straight into its id's run: no gather of ``grads`` into sorted order);
   ids outside ``[0, num_rows)`` (unread probes decode to -1) are dropped. At most ``num_rows`` ids

@@ -12,7 +12,7 @@ from flax import nnx
 
 from pmem.data.pipeline import FIELDS
 from pmem.memory import diagnostics, lookup
-from pmem.memory.base import TokenContext
+from pmem.core.mixer import TokenContext
 from pmem.train import optim, sparse
 
 
@@ -29,7 +29,7 @@ def lm_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array, z_loss: floa
 
 def context(batch) -> TokenContext:
   """The token context of a device batch: every field beyond the pipeline's (and the host tables'
-  staged rows) is a host-computed feature (pmem.memory.base.batch_features)."""
+  staged rows) is a host-computed feature (pmem.core.mixer.batch_features)."""
   features = {k: v for k, v in batch.items() if k not in FIELDS and k != "tables"}
   return TokenContext(batch["inputs"], batch["positions"], batch["segment_ids"], features)
 

@@ -1,6 +1,7 @@
-"""The memory-module protocol shared by every channel mixer.
+"""The mixer protocol shared by every sequence and channel mixer, below ``pmem.layers`` and
+``pmem.memory`` (both import it; neither imports the other's protocol).
 
-A channel mixer is built as ``Factory(d_model=..., rngs=...)`` and called as
+A mixer is built by the decoder as ``factory(**facts, rngs=...)`` (:func:`build`) and called as
 ``mixer(x, ctx) -> y`` with ``x: f32[B, T, D]`` the normed hidden states and ``ctx`` the
 token context below. It is a pure function of its variables and inputs. Large tables are
 declared as :class:`pmem.core.variables.MemoryTable`. ``cost(seq_len)`` reports params,
@@ -12,11 +13,22 @@ host, in the input pipeline: such a module defines ``host_features(tokenizer) ->
 ``segment_ids``). The trainer applies every module's ``fn`` to each train and eval batch
 (:func:`batch_features`); the new fields reach the forward as ``ctx.features[field]`` and may be
 a ``MemoryTable``'s ``index=`` (so its rows can be staged from the host).
+
+**Model facts.** The decoder owns the facts of the model (:data:`FACTS`: ``vocab``, ``d_model``,
+``n_layers``, ``layer`` (the block's index), ``out_scale`` (the depth factor of output projections),
+``dtype``) and hands each factory the ones its signature names; a module's config names only what
+is its own, so a later ``set:model.vocab=...`` reaches every table. A config that binds a fact
+itself must agree with the model, else :func:`build` refuses it naming both values. ``d_ff`` (the
+width of the model's default channel mixer) is a default: given to a factory that takes ``d_ff``
+and leaves it unset (STEM's width follows the FFN it replaces). A factory that takes ``layer``
+depends on its index, so the decoder builds each of its layers alone (never stacked in a scan).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -45,6 +57,37 @@ class ChannelMixer(Protocol):
 
   def cost(self, seq_len: int) -> Cost:
     ...
+
+
+FACTS = ("vocab", "d_model", "n_layers", "layer", "out_scale", "dtype")  # owned by the decoder
+DEFAULTS = ("d_ff",)  # given where the factory leaves them unset
+
+
+def _parts(factory: Callable) -> tuple[Callable, dict, Mapping[str, inspect.Parameter]]:
+  """(callable, keywords the config bound, parameters of the callable)."""
+  fn, bound = factory, {}
+  while isinstance(fn, functools.partial):
+    bound, fn = {**fn.keywords, **bound}, fn.func
+  sig = inspect.signature(fn.__init__ if isinstance(fn, type) else fn)  # a Module class's own __init__
+  return fn, bound, sig.parameters
+
+
+def takes(factory: Callable, name: str) -> bool:
+  """Whether ``factory`` has a keyword argument ``name``."""
+  return name in _parts(factory)[2]
+
+
+def build(factory: Callable, facts: Mapping[str, Any], *, rngs, what: str = ""):
+  """``factory(**the facts it takes and leaves unset, rngs=rngs)``; a fact of :data:`FACTS` the
+  config bound to another value is refused in one line naming both."""
+  fn, bound, params = _parts(factory)
+  name = what or getattr(fn, "__name__", repr(fn))
+  for k, v in facts.items():
+    if k in FACTS and k in bound and bound[k] != v:
+      raise ValueError(f"{name}: its config sets {k}={bound[k]!r} but the model's {k} is {v!r}; "
+                       f"drop {k} from the module's config (the decoder hands it over)")
+  given = {k: v for k, v in facts.items() if k in params and k not in bound}
+  return factory(**given, rngs=rngs)
 
 
 HostFeatures = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
