@@ -4,7 +4,8 @@ A variant is a list of ``--config`` commands (as ``experiments.train`` takes the
 the grid's base commands and the user's overrides; ``set:seed=<k>`` comes last. Outputs under
 ``OUT``: ``<variant>/seed<k>/`` (the run's workdir; a run whose ``summary.json`` exists is skipped,
 one cut short resumes from its checkpoint), ``results.json`` (one record per finished run),
-``results.md`` (mean ± std over seeds per variant) and ``plot.png`` (``Grid.plot``). Every config is
+``results.md`` (mean ± std over seeds per variant) and ``plot.png`` (``Grid.plot``); ``--publish DIR``
+copies the two results files to ``DIR`` (``docs/results/<paper>``, read by the notebooks). Every config is
 built, and every finished run's commands checked against it, before the first run trains, so a bad
 command or a stale ``OUT`` fails at once."""
 
@@ -15,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -104,7 +106,7 @@ def run_one(cfg, cmds: list[str], workdir: str) -> None:
   from experiments.train import write_config
   from pmem.train.loop import Trainer
   t0 = time.perf_counter()
-  trainer = Trainer(fdl.build(cfg), workdir)
+  trainer = Trainer(fdl.build(cfg), workdir, overwrite=True)  # a run cut short before its first checkpoint restarts
   write_config(cfg, workdir)
   trainer.run()
   with open(os.path.join(workdir, "grid.json"), "w") as f:
@@ -214,21 +216,21 @@ def table(records: Sequence[dict]) -> str:
 def compare(records: Sequence[dict], a: str, b: str, path: str, higher: bool = False) -> dict:
   """Is variant ``a`` better than ``b`` on one field? ``gain`` = improvement of a over b (mean),
   ``se`` its standard error over seeds (None with one seed), ``verdict`` 'better' / 'worse' when
-  the gain is beyond two standard errors (or, with one seed, any nonzero gain), else 'tie'."""
+  the gain is beyond two standard errors, else 'tie'; with one seed of either there is no error bar
+  and no verdict ('one seed')."""
   x, y = values(records, a, path), values(records, b, path)
   if not len(x) or not len(y):
     raise ValueError(f"no {path} values for {a!r} or {b!r} (variants: {variants(records)})")
   gain = (x.mean() - y.mean()) * (1 if higher else -1)
   se = math.sqrt(x.var(ddof=1) / len(x) + y.var(ddof=1) / len(y)) if min(len(x), len(y)) > 1 else None
-  bar = 2 * se if se is not None else 0.0
-  verdict = "better" if gain > bar else "worse" if gain < -bar else "tie"
+  verdict = "one seed" if se is None else "better" if gain > 2 * se else "worse" if gain < -2 * se else "tie"
   return {"a": a, "b": b, "field": path, "a_mean": x.mean(), "b_mean": y.mean(), "gain": gain, "se": se,
           "verdict": verdict}
 
 
 def say(c: dict) -> str:
   """One plain sentence for a :func:`compare` result."""
-  err = f" ± {2 * c['se']:.3g} (2 s.e.)" if c["se"] is not None else " (one seed: no error bar)"
+  err = f" ± {2 * c['se']:.3g} (2 s.e.)" if c["se"] is not None else " (one seed: no error bar, no verdict)"
   return (f"{c['a']} vs {c['b']} on {c['field']}: {c['a_mean']:.4g} vs {c['b_mean']:.4g}, "
           f"gain {c['gain']:+.3g}{err} -> {c['verdict']}")
 
@@ -240,6 +242,8 @@ def claim(records: Sequence[dict], text: str, checks: Sequence[tuple]) -> str:
     cs = [compare(records, a, b, path, higher) for a, b, path, higher in checks]
   except ValueError as e:
     return f"{text}: cannot be judged from these results ({e})"
+  if any(c["se"] is None for c in cs):
+    return "\n".join([*map(say, cs), f"=> {text}: cannot be judged from one seed per variant (no error bar)."])
   held = all(c["verdict"] == "better" for c in cs)
   seeds = max(sum(r["variant"] == v for r in records) for v in variants(records))
   steps = sorted({r.get("steps") for r in records} - {None})
@@ -319,6 +323,9 @@ def parser(grid: Grid, default_out: str) -> argparse.ArgumentParser:
   p.add_argument("--config", action="append", default=[],
                  help="set:PATH=VALUE / fiddler:NAME applied to every variant, before its own commands")
   p.add_argument("--list", action="store_true", help="print the variants and their commands and exit")
+  p.add_argument("--publish", default=None,
+                 help="also copy results.json / results.md to this directory (e.g. docs/results/<paper>, what "
+                      "the committed notebooks read)")
   return p
 
 
@@ -353,5 +360,9 @@ def main(grid: Grid, argv: Sequence[str] | None = None, default_out: str | None 
     records = run(grid, args.out, args.seeds, over, args.quick, only)
   except ConfigError as e:
     sys.exit(f"error: {e.args[0] if e.args else e}")
+  if args.publish:
+    os.makedirs(args.publish, exist_ok=True)
+    for name in ("results.json", "results.md"):
+      shutil.copyfile(os.path.join(args.out, name), os.path.join(args.publish, name))
   print(table(records))
   return records

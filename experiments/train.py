@@ -14,6 +14,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("config", [], "config:NAME, fiddler:NAME[(k=v)], set:PATH=VALUE; applied in order")
 flags.DEFINE_string("workdir", None, "output directory")
 flags.DEFINE_bool("list", False, "print every registered config and fiddler and exit")
+flags.DEFINE_bool("overwrite", False, "start over in a workdir that holds a run's logs but no checkpoint")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for a multi-process run")
 flags.DEFINE_integer("num_processes", None, "number of processes in a multi-process run")
 flags.DEFINE_integer("process_id", None, "this process's index in a multi-process run")
@@ -40,7 +41,7 @@ def main(argv) -> None:
     return
   try:
     cfg = cli.build_config(FLAGS.config)
-  except (cli.ConfigError, KeyError) as e:
+  except (ValueError, KeyError) as e:  # cli.ConfigError, and what fiddlers refuse
     sys.exit(f"error: {e.args[0] if e.args else e}")
   if not FLAGS.workdir:
     sys.exit("error: --workdir is required")
@@ -48,18 +49,22 @@ def main(argv) -> None:
   import fiddle as fdl
   import jax
   from pmem.core import mesh as mesh_lib
+  from pmem.train.checkpoint import CheckpointError
   from pmem.train.loop import Trainer
 
   mesh_lib.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                   auto=FLAGS.distributed_auto)
   try:
     exp = fdl.build(cfg)
-    trainer = Trainer(exp, FLAGS.workdir)
+    trainer = Trainer(exp, FLAGS.workdir, overwrite=FLAGS.overwrite)
   except (ValueError, KeyError, FileNotFoundError) as e:
     sys.exit(f"error: {e.args[0] if e.args else e}")
-  if jax.process_index() == 0:
+  if jax.process_index() == 0 and trainer.finished() is None:
     write_config(cfg, FLAGS.workdir)
-  trainer.run()
+  try:
+    trainer.run()
+  except (CheckpointError, FloatingPointError) as e:  # a failed save, the NaN stop: one line, exit 1
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 
 from pmem.core import rules
+
+log = logging.getLogger("pmem")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +26,8 @@ class MeshConfig:
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
-  """A mesh over the first prod(shape) devices (all processes' devices in a multi-host run).
+  """A mesh over the first prod(shape) devices (all processes' devices in a multi-host run); a
+  warning when that leaves devices idle.
 
   Axes are Auto: the compiler propagates shardings from the annotated params and constraints."""
   devices = jax.devices() if devices is None else list(devices)
@@ -35,6 +39,9 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
                      f"{len(devices)} available (on CPU set XLA_FLAGS=--xla_force_host_platform_device_count={n})")
   if jax.process_count() > 1 and n != len(devices):
     raise ValueError(f"a multi-process mesh must use all {len(devices)} devices, got {n}")
+  if n < len(devices):
+    log.warning("mesh data=%d x fsdp=%d x tensor=%d uses %d of the %d devices; the other %d stay idle "
+                "(set mesh.* to use them)", *cfg.shape, n, len(devices), len(devices) - n)
   return jax.make_mesh(cfg.shape, rules.MESH_AXES, axis_types=(AxisType.Auto,) * 3,
                        devices=devices[:n])
 

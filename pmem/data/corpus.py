@@ -8,11 +8,16 @@ Every source ships inside a registry package, so nothing is downloaded at run ti
   then its chapters, one verse per line, separated by blank lines), read from the installed package;
 - ``austen``: Jane Austen's six novels from Debian ``r-cran-janeaustenr`` (R data files, read with
   the small reader of R's XDR serialization below), extracted once by ``fetch()`` into
-  ``${PMEM_CACHE:-~/.cache/pmem}/corpora/austen/`` with a ``manifest.json``;
+  ``${PMEM_CACHE:-~/.cache/pmem}/corpora/austen/`` with a ``manifest.json``; a cached text that is
+  unreadable or not the expected one is re-extracted (one warning naming it);
 - ``english``: all three, or Shakespeare and KJV only (with a warning) where Austen is not fetched.
 
 Texts are checked against sha256 values measured when this file was written, so a changed upstream
 file is an error rather than silently different data. Documents are split whole into train / valid.
+
+Derived data (token ids, tokenizers) is cached through :func:`cached`: an entry records the sha256
+of its key and of its payload, is verified on every read and rebuilt (one warning naming the file)
+when it is unreadable, truncated, modified or written for another key.
 
   python -m pmem.data.corpus fetch   # extract Austen into the cache (no-op when cached)
   python -m pmem.data.corpus info    # documents and bytes per source and split
@@ -35,6 +40,7 @@ import struct
 import subprocess
 import tempfile
 import zlib
+from collections.abc import Callable
 
 from pmem.core.registry import suggest
 
@@ -91,6 +97,47 @@ def cache_dir() -> pathlib.Path:
   return pathlib.Path(os.environ.get("PMEM_CACHE") or "~/.cache/pmem").expanduser()
 
 
+def write_atomic(path: pathlib.Path, data: bytes) -> None:
+  """``data`` into ``path`` through a temporary file and a rename: readers never see part of it."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  tmp.write_bytes(data)
+  os.replace(tmp, path)
+
+
+MAGIC = b"pmem-cache/1"  # first word of a cache entry's header line
+
+
+def _payload(data: bytes, key: bytes) -> bytes:
+  """The payload of a cache entry after checking its header against ``key`` and its content hash."""
+  head, sep, payload = data.partition(b"\n")
+  parts = head.split(b" ")
+  if not sep or len(parts) != 3 or parts[0] != MAGIC:
+    raise ValueError("not a pmem cache entry")
+  if parts[1] != key:
+    raise ValueError("written for another key")
+  if hashlib.sha256(payload).hexdigest().encode() != parts[2]:
+    raise ValueError("content hash mismatch: truncated or modified")
+  return payload
+
+
+def cached[T](path: pathlib.Path, key: str, build: Callable[[], bytes], load: Callable[[bytes], T]) -> T:
+  """``load`` of the payload cached in ``path`` for ``key``, or of a fresh ``build()`` (written first,
+  atomically) where the entry is absent or, after one warning naming it, unreadable, corrupt or
+  written for another key. An entry is the line ``pmem-cache/1 <sha256 of key> <sha256 of payload>``
+  followed by the payload."""
+  k = _sha256(key).encode()
+  try:
+    return load(_payload(path.read_bytes(), k))
+  except FileNotFoundError:
+    pass
+  except Exception as e:  # whatever the damage (bad zip, bad JSON, short read): rebuild
+    log.warning("cache entry %s is unreadable (%s); rebuilding it", path, e)
+  data = build()
+  write_atomic(path, b" ".join([MAGIC, k, hashlib.sha256(data).hexdigest().encode()]) + b"\n" + data)
+  return load(data)
+
+
 def _sha256(text: str) -> str:
   return hashlib.sha256(text.encode()).hexdigest()
 
@@ -127,17 +174,25 @@ def _kjv() -> list[Document]:
 
 
 def _austen() -> list[Document]:
+  """The extracted novels; any that is unreadable or not the expected text is re-extracted (one
+  warning naming the files), and a failed re-extraction is an error."""
   root = cache_dir() / "corpora" / "austen"
-  docs = []
-  for name, sha in AUSTEN_SHA256.items():
-    path = root / f"{name}.txt"
-    if not path.exists():
-      raise FileNotFoundError(
-          f"the austen corpus is not in {root}; fetch it with `{FETCH['austen']}`")
-    docs.append(Document(f"austen/{name}", path.read_text("utf-8")))
-    if _sha256(docs[-1].text) != sha:
-      raise ValueError(f"{path} is not the expected text; re-extract it with `{FETCH['austen']}`")
-  return docs
+  paths = {name: root / f"{name}.txt" for name in AUSTEN_SHA256}
+  if not any(p.exists() for p in paths.values()):
+    raise FileNotFoundError(f"the austen corpus is not in {root}; fetch it with `{FETCH['austen']}`")
+  texts = {}
+  for name, p in paths.items():
+    try:
+      texts[name] = p.read_text("utf-8")
+    except (OSError, UnicodeDecodeError):
+      pass
+  if bad := [str(p) for name, p in paths.items() if _sha256(texts.get(name, "")) != AUSTEN_SHA256[name]]:
+    log.warning("re-extracting Jane Austen: %s is missing, unreadable or not the expected text", ", ".join(bad))
+    try:
+      texts = _extract(root)
+    except OSError as e:
+      raise ValueError(f"{bad[0]} is corrupt and could not be re-extracted ({e})") from None
+  return [Document(f"austen/{name}", texts[name]) for name in AUSTEN_SHA256]
 
 
 @functools.cache
@@ -271,44 +326,51 @@ def _apt_download(folder: str) -> str | None:
   return (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
 
 
-def _write(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  tmp.write_text(text, "utf-8")
-  os.replace(tmp, path)
+def _download(folder: str) -> tuple[dict, dict[str, str]]:
+  """(the package's name and sha256, document name -> text) from a fresh ``apt-get download`` into
+  ``folder``; raises OSError where apt fails, ValueError where a text changed upstream."""
+  if (error := _apt_download(folder)) is not None:
+    raise OSError(f"`apt-get download {AUSTEN_DEB}`: {error}")
+  deb = glob.glob(os.path.join(folder, "*.deb"))[0]
+  deb_sha = hashlib.sha256(pathlib.Path(deb).read_bytes()).hexdigest()
+  if deb_sha != AUSTEN_DEB_SHA256:
+    log.warning("%s has sha256 %s, expected %s; checking its text", os.path.basename(deb),
+                deb_sha, AUSTEN_DEB_SHA256)
+  subprocess.run(["dpkg", "-x", deb, os.path.join(folder, "x")], check=True, capture_output=True)
+  novels = read_rdata(os.path.join(folder, "x", AUSTEN_DATA))
+  texts = {name: "\n".join(novels[r]) for name, r in AUSTEN_R.items()}
+  for name, sha in AUSTEN_SHA256.items():
+    if (got := _sha256(texts[name])) != sha:
+      raise ValueError(f"{os.path.basename(deb)}: the text of {AUSTEN_R[name]!r} changed "
+                       f"upstream (sha256 {got}, expected {sha})")
+  return {"package": os.path.basename(deb), "package_sha256": deb_sha}, texts
+
+
+def _extract(root: pathlib.Path) -> dict[str, str]:
+  """Downloads the novels and writes them and ``manifest.json`` into ``root``; their texts."""
+  with tempfile.TemporaryDirectory() as tmp:
+    package, texts = _download(tmp)
+  for name, text in texts.items():
+    write_atomic(root / f"{name}.txt", text.encode())
+  manifest = {**package, "documents": {
+      f"austen/{n}": {"sha256": _sha256(t), "bytes": len(t.encode())} for n, t in texts.items()}}
+  write_atomic(root / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
+  return texts
 
 
 def fetch() -> bool:
   """Extracts the Austen novels into the cache unless already there; False (with a one-line warning)
-  where ``apt-get download`` is unavailable or fails. Raises if the extracted text is unexpected."""
+  where ``apt-get download`` is unavailable or fails. Raises if the extracted text is unexpected
+  (a damaged copy is re-extracted by the check, :func:`_austen`)."""
   try:
     _austen()
-    return True
-  except (FileNotFoundError, ValueError):
-    pass
-  root = cache_dir() / "corpora" / "austen"
-  with tempfile.TemporaryDirectory() as tmp:
-    if (error := _apt_download(tmp)) is not None:
-      log.warning("could not fetch Jane Austen (`apt-get download %s`: %s); the english corpus "
-                  "will be built from Shakespeare + KJV only", AUSTEN_DEB, error)
+  except FileNotFoundError:
+    try:
+      _extract(cache_dir() / "corpora" / "austen")
+    except OSError as e:
+      log.warning("could not fetch Jane Austen (%s); the english corpus will be built from "
+                  "Shakespeare + KJV only", e)
       return False
-    deb = glob.glob(os.path.join(tmp, "*.deb"))[0]
-    deb_sha = hashlib.sha256(pathlib.Path(deb).read_bytes()).hexdigest()
-    if deb_sha != AUSTEN_DEB_SHA256:
-      log.warning("%s has sha256 %s, expected %s; checking its text", os.path.basename(deb),
-                  deb_sha, AUSTEN_DEB_SHA256)
-    subprocess.run(["dpkg", "-x", deb, os.path.join(tmp, "x")], check=True, capture_output=True)
-    novels = read_rdata(os.path.join(tmp, "x", AUSTEN_DATA))
-    texts = {name: "\n".join(novels[r]) for name, r in AUSTEN_R.items()}
-    for name, sha in AUSTEN_SHA256.items():
-      if (got := _sha256(texts[name])) != sha:
-        raise ValueError(f"{os.path.basename(deb)}: the text of {AUSTEN_R[name]!r} changed "
-                         f"upstream (sha256 {got}, expected {sha})")
-    root.mkdir(parents=True, exist_ok=True)
-    for name, text in texts.items():
-      _write(root / f"{name}.txt", text)
-    manifest = {"package": os.path.basename(deb), "package_sha256": deb_sha, "documents": {
-        f"austen/{n}": {"sha256": _sha256(t), "bytes": len(t.encode())} for n, t in texts.items()}}
-    _write(root / "manifest.json", json.dumps(manifest, indent=1) + "\n")
   _source.cache_clear()
   _sources.cache_clear()
   return True

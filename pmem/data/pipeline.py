@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import os
+import io
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -68,24 +68,24 @@ def encode_segments(tok: tok_lib.Tokenizer, docs: Sequence[Sequence[tuple[str, b
 
 
 class CorpusDocs:
-  """The corpus split's documents, tokenized once and cached on disk by (corpus, tokenizer)."""
+  """The corpus split's documents, tokenized once and cached on disk by (corpus, tokenizer)
+  (:func:`pmem.data.corpus.cached`: verified on every read, rebuilt when damaged)."""
 
   def __init__(self, name: str, split: str, tok: tok_lib.Tokenizer):
-    docs = corpus_lib.documents(name, split)
-    key = hashlib.sha256(f"{corpus_lib.checksum(name, split)}|{tok.fingerprint}".encode()).hexdigest()[:16]
-    folder = corpus_lib.cache_dir() / "tokens"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = str(folder / f"{name}-{split}-{key}.npz")
-    try:
-      z = np.load(path)
-      flat, lengths = z["tokens"], z["lengths"]
-    except (OSError, KeyError, ValueError):
-      ids = tok.encode_batch([d.text for d in docs])
-      flat = np.concatenate(ids).astype(np.int32)
-      lengths = np.array([len(x) for x in ids], np.int64)
-      tmp = f"{path}.{os.getpid()}.tmp.npz"
-      np.savez(tmp, tokens=flat, lengths=lengths)
-      os.replace(tmp, path)
+    def encode() -> bytes:
+      ids = tok.encode_batch([d.text for d in corpus_lib.documents(name, split)])
+      out = io.BytesIO()
+      np.savez(out, tokens=np.concatenate(ids).astype(np.int32), lengths=np.array([len(x) for x in ids], np.int64))
+      return out.getvalue()
+
+    def load(b: bytes) -> tuple[np.ndarray, np.ndarray]:
+      z = np.load(io.BytesIO(b))
+      return z["tokens"], z["lengths"]
+
+    key = f"{name}|{split}|{corpus_lib.checksum(name, split)}|{tok.fingerprint}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    path = corpus_lib.cache_dir() / "tokens" / f"{name}-{split}-{digest}.cache"
+    flat, lengths = corpus_lib.cached(path, key, encode, load)
     self.docs = [(x, np.ones(len(x), bool)) for x in np.split(flat, np.cumsum(lengths)[:-1])]
 
   def __call__(self, epoch: int) -> list[Doc]:

@@ -6,16 +6,15 @@ no special tokens, with all 256 bytes in the initial alphabet, so any Unicode te
 exactly. Because the split keeps a leading space with the word after it, ``encode(a) + encode(" "
 + b) == encode(a + " " + b)`` when ``a`` ends in a non-space and ``b`` starts with a word.
 
-A BPE is trained once per (corpus key, settings) and cached as a ``tokenizers`` JSON file under
-``${PMEM_CACHE:-~/.cache/pmem}/tokenizers/``.
+A BPE is trained once per (corpus key, settings) and cached as ``tokenizers`` JSON under
+``${PMEM_CACHE:-~/.cache/pmem}/tokenizers/`` (:func:`pmem.data.corpus.cached`: an entry for other
+settings, or a damaged one, is retrained with one warning).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import logging
-import os
 from collections.abc import Callable
 from typing import Protocol
 
@@ -24,9 +23,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from pmem.core.registry import suggest
-from pmem.data.corpus import cache_dir
-
-log = logging.getLogger("pmem")
+from pmem.data.corpus import cache_dir, cached
 
 KINDS = ("byte", "bpe")
 BPE_RECIPE = "byte-level-bpe/1"  # bump when the training recipe changes (invalidates caches)
@@ -123,15 +120,6 @@ def build(cfg: TokenizerConfig, texts: Callable[[], list[str]], key: str) -> Tok
   if cfg.vocab_size < 256:
     raise ValueError(f"a byte-level BPE needs vocab_size >= 256, got {cfg.vocab_size}")
   settings = f"{key}\n{BPE_RECIPE} vocab_size={cfg.vocab_size}"
-  path = cache_dir() / "tokenizers" / f"{hashlib.sha256(settings.encode()).hexdigest()[:16]}.json"
-  if path.exists():
-    try:
-      return BPETokenizer(tokenizers.Tokenizer.from_file(str(path)))
-    except Exception as e:  # tokenizers raises plain Exception on a bad file
-      log.warning("retraining the tokenizer: cached %s is unreadable (%s)", path, e)
-  tok = train_bpe(texts(), cfg.vocab_size)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  tok.save(str(tmp))
-  os.replace(tmp, path)
-  return BPETokenizer(tok)
+  path = cache_dir() / "tokenizers" / f"{hashlib.sha256(settings.encode()).hexdigest()[:16]}.cache"
+  return cached(path, settings, lambda: train_bpe(texts(), cfg.vocab_size).to_str().encode(),
+                lambda b: BPETokenizer(tokenizers.Tokenizer.from_str(b.decode())))

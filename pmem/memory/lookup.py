@@ -22,6 +22,11 @@ one forward to its i-th probe.
 
 A module must read every ``MemoryTable`` through these two functions: indexing a tapped table
 (``table[...]``, ``jnp.take(table.value, ...)``) raises a TypeError naming the table.
+
+Ids: concrete ids outside the table raise a ValueError. Traced ids are trusted by default: modules
+compute them in range (hashes reduced modulo the rows, product-key top-k slots) or read token ids
+the decoder has checked (``pmem.layers.embed.check_ids``); an out-of-range traced id reads a zero
+row and gets no gradient. ``ids_check="error"`` checks traced ids too, for ids from outside.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from kernels import embedding_bag, embedding_gather
+from pmem.layers.embed import check_ids
 
 _HALF = 1 << 16
 
@@ -220,19 +226,27 @@ def _tapped_bag(t: Tap, ids: Int[Array, "S k"], w: Float[Array, "S k"], implemen
   return _bag_tap(out, p.grads, p.ids, p.weights, ids, jax.lax.stop_gradient(w.astype(jnp.float32)))
 
 
-def gather(table, ids: Int[Array, "..."]) -> Float[Array, "... D"]:
-  """``table[ids]`` for a MemoryTable (variable or array) of shape ``[V, D]``."""
+def _checked(t, ids: jax.Array, ids_check: str) -> None:
+  check_ids(ids, t.num_rows if isinstance(t, Tap) else t.shape[0], ids_check, what="table ids")
+
+
+def gather(table, ids: Int[Array, "..."], *, ids_check: str = "trusted") -> Float[Array, "... D"]:
+  """``table[ids]`` for a MemoryTable (variable or array) of shape ``[V, D]``; ``ids_check``: see
+  the module docstring."""
   t = _value(table)
+  _checked(t, ids, ids_check)
   if isinstance(t, Tap):
     return _tapped(t, ids).reshape(*ids.shape, t.rows.shape[-1])
   return embedding_gather(t, ids)
 
 
 def bag(table, ids: Int[Array, "... k"], weights: Float[Array, "... k"], *,
-        implementation: str = "auto") -> Float[Array, "... D"]:
+        implementation: str = "auto", ids_check: str = "trusted") -> Float[Array, "... D"]:
   """``sum_j weights[..., j] * table[ids[..., j]]`` (an embedding bag, PKM / Memory+ reads);
-  differentiable in ``weights``. ``implementation``: the kernel (``kernels.IMPLEMENTATIONS``)."""
+  differentiable in ``weights``. ``implementation``: the kernel (``kernels.IMPLEMENTATIONS``);
+  ``ids_check``: see the module docstring."""
   t = _value(table)
+  _checked(t, ids, ids_check)
   if not isinstance(t, Tap):
     return embedding_bag(t, ids, weights, implementation=implementation)
   if ids.shape != weights.shape:

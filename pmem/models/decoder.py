@@ -25,7 +25,7 @@ from jaxtyping import Array, Float, Int
 from pmem.core import accounting, mixer
 from pmem.core.registry import CHANNEL_MIXERS, SEQUENCE_MIXERS, unknown
 from pmem.core.rules import constrain
-from pmem.layers.embed import Embed
+from pmem.layers.embed import Embed, check_ids
 from pmem.layers.init import fan_in_normal
 from pmem.layers.norms import RMSNorm
 from pmem.memory import diagnostics
@@ -228,10 +228,14 @@ class Decoder(nnx.Module):
                             axes=("embed", "vocab"))
 
   def __call__(self, ids: Int[Array, "B T"], ctx: TokenContext) -> Float[Array, "B T V"]:
-    """Float32 logits."""
+    """Float32 logits. Token ids outside ``[0, vocab)`` are an error, also under ``jit``
+    (``pmem.layers.embed.check_ids``), except inside ``pmem.layers.embed.trusted_ids()`` (the
+    trainer's steps, whose batches were checked on the host)."""
     chex.assert_rank(ids, 2)
     chex.assert_type(ids, int)
     chex.assert_equal_shape([ids, ctx.positions, ctx.segment_ids])
+    if ctx.ids is not ids:  # token-indexed tables read ctx.ids
+      check_ids(ctx.ids, self.cfg.vocab)
     x = constrain(self.embed(ids), ("batch", "length", "embed"))
     if self.cfg.shared:
       ctx = dataclasses.replace(ctx, features={**ctx.features, **{n: m(ids, ctx) for n, m in self.shared.items()}})

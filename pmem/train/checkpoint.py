@@ -3,8 +3,12 @@
 A checkpoint holds params, the rest of the model state, optimizer state and the step (item
 ``state``) and JSON metadata (item ``meta``: the data-iterator state and the config fingerprint).
 Saves are atomic (Orbax writes a temporary directory and renames it when finalized), so a save
-cut short is never restored. Restoring walks back from the newest step past unreadable ones
-(with a warning) and refuses a checkpoint written by an incompatible config.
+cut short is never restored. Restoring walks back from the newest step past unreadable ones, each
+moved aside to ``<step>.corrupt-<time>`` (never deleted) with a warning so that training can write
+that step again, and refuses a checkpoint written by an incompatible config. A directory that
+cannot be written is refused when the run starts; a save that fails later (disk full) stops the
+run at that save, or for an asynchronous one at the next step, with one line naming the path and
+the committed checkpoints.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import dataclasses
 import functools
 import logging
 import os
+import tempfile
+import time
 from typing import Any
 
 import jax
@@ -69,15 +75,24 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 class Checkpointer:
 
-  def __init__(self, directory: str, cfg: CheckpointConfig, fingerprint: dict):
+  def __init__(self, directory: str, cfg: CheckpointConfig):
     if cfg.every < 0 or cfg.keep < 1:
       raise ValueError(f"checkpoint.every must be >= 0 and checkpoint.keep >= 1, got {cfg.every}, {cfg.keep}")
-    self.cfg, self.fingerprint = cfg, fingerprint
+    self.cfg, self.fingerprint, self.set_aside = cfg, None, []
     self.directory = os.path.abspath(directory)
+    with self._failure("writing checkpoints", listed=False):  # before anything trains
+      os.makedirs(self.directory, exist_ok=True)
+      fd, probe = tempfile.mkstemp(dir=self.directory, prefix=".write-test-")
+      os.close(fd)
+      os.remove(probe)
+    # step directories are made in save() itself, so a failure raises there (made asynchronously,
+    # Orbax waits 300 s for a signal that never comes)
     opts = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.keep, keep_period=cfg.keep_period, create=True, cleanup_tmp_directories=True,
-        enable_async_checkpointing=cfg.async_save)
+        enable_async_checkpointing=cfg.async_save,
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
     self.manager = ocp.CheckpointManager(self.directory, options=opts, item_names=("state", "meta"))
+    self.failed = False
 
   def should_save(self, step: int, last: int) -> bool:
     return step == last or (self.cfg.every > 0 and step % self.cfg.every == 0)
@@ -91,23 +106,73 @@ class Checkpointer:
       self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                       meta=ocp.args.JsonSave(meta)), force=True)
 
+  def check(self) -> None:
+    """Raises :class:`CheckpointError` if an asynchronous save has failed (called every step)."""
+    with self._failure("an asynchronous save"):
+      self.manager.check_for_errors()
+
+  def committed(self) -> list[int]:
+    """Steps with a finished checkpoint on disk."""
+    names = os.listdir(self.directory) if os.path.isdir(self.directory) else []
+    return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(self.directory, n))
+                  and not any(".orbax-checkpoint-tmp" in m for m in os.listdir(os.path.join(self.directory, n))))
+
   @contextlib.contextmanager
-  def _failure(self, what: str):
+  def _failure(self, what: str, listed: bool = True):
     try:
       yield
-    except OSError as e:
-      kept = self.manager.all_steps()
-      raise CheckpointError(f"{what} to {self.directory} failed ({e}); the committed checkpoints "
-                            f"{sorted(kept)} are kept") from e
+    except (OSError, ValueError) as e:  # Orbax re-raises a background thread's OSError as is or wrapped
+      if isinstance(e, CheckpointError) or (isinstance(e, ValueError) and not isinstance(e.__cause__, OSError)):
+        raise
+      self.failed = True
+      cause = e if isinstance(e, OSError) else e.__cause__
+      kept = f"; the committed checkpoints {self.committed()} are kept" if listed else ""
+      raise CheckpointError(f"{what} to {self.directory} failed ({cause}){kept}") from e
 
-  def restore_latest(self, abstract_state) -> tuple[Any, dict] | None:
-    """(state, meta) of the newest readable compatible checkpoint, or None if there is none."""
+  def _set_aside(self, step: int, why: str) -> None:
+    """Renames an unreadable step to ``<step>.corrupt-<time>`` so the run can write the step again."""
+    src = os.path.join(self.directory, str(step))
+    dst = base = f"{src}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
+    for i in range(2, 1000):  # the same step set aside twice within a second
+      if not os.path.exists(dst):
+        break
+      dst = f"{base}-{i}"
+    if jax.process_index() == 0:
+      os.rename(src, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"pmem set aside checkpoint {step}")
+    log.warning("checkpoint %d in %s is %s; moved it to %s", step, self.directory, why, os.path.basename(dst))
+    self.set_aside.append(step)
+    self.manager.reload()
+
+  def _meta(self, step: int, older: str) -> dict | None:
+    """The step's metadata, or None after setting an unreadable step aside."""
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # unreadable metadata: fall back to the previous step
+      self._set_aside(step, f"unreadable ({type(e).__name__}: {_first_line(e)}){older}")
+      return None
+
+  def latest_meta(self) -> dict | None:
+    """The metadata of the newest step whose metadata reads (unreadable ones are set aside)."""
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      if (meta := self._meta(step, "")) is not None:
+        return meta
+    return None
+
+  def restore(self, abstract_state, fingerprint: dict, step: int | None = None) -> tuple[Any, dict] | None:
+    """(state, meta) of the newest readable checkpoint (or of ``step``), or None if there is none;
+    ``fingerprint`` must match the checkpoint's and is saved with every later checkpoint."""
+    self.fingerprint = fingerprint
     steps = sorted(self.manager.all_steps(), reverse=True)
+    if step is not None:
+      if step not in steps:
+        raise CheckpointError(f"no checkpoint of step {step} in {self.directory} (steps: {sorted(steps)})")
+      steps = [step]
     for i, step in enumerate(steps):
-      try:
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-      except Exception as e:  # unreadable metadata: fall back to the previous step
-        log.warning("checkpoint %d in %s is unreadable (%s); trying an older one", step, self.directory, e)
+      older = f"; falling back to step {steps[i + 1]}" if i + 1 < len(steps) else ""
+      if (meta := self._meta(step, older)) is None:
         continue
       diffs = _diff(meta.get("fingerprint", {}), self.fingerprint)
       if diffs:
@@ -119,16 +184,21 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract_state)))["state"]
         jax.block_until_ready(state)
       except Exception as e:  # truncated / corrupted arrays
-        older = f"; falling back to step {steps[i + 1]}" if i + 1 < len(steps) else ""
-        log.warning("checkpoint %d in %s is corrupted (%s: %s)%s", step, self.directory, type(e).__name__,
-                    str(e).splitlines()[0][:200] if str(e) else "", older)
+        if "tree structures do not match" in str(e):  # readable, but another run's state: not corruption
+          raise CheckpointError(f"checkpoint {step} in {self.directory} holds a state of another structure than "
+                                f"this run's ({_first_line(e)}); use a new --workdir") from e
+        self._set_aside(step, f"corrupted ({type(e).__name__}: {_first_line(e)}){older}")
         continue
       return state, meta
-    if steps:
-      raise CheckpointError(f"no readable checkpoint among steps {sorted(steps)} in {self.directory}")
-    return None
+    return None  # none, or every one set aside: the run starts from step 0
 
   def close(self) -> None:
+    if self.failed:  # a failed save's threads may never finish: do not wait for them
+      return
     with self._failure("finishing an asynchronous save"):
       self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _first_line(e: BaseException) -> str:
+  return str(e).splitlines()[0][:200] if str(e) else ""

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -19,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pmem.core import accounting, mesh as mesh_lib, rules
 from pmem.core.variables import is_variable
+from pmem.data import corpus as corpus_lib
 from pmem.data.pipeline import FIELDS, DataConfig, Pipeline
 from pmem.core.mixer import batch_features
 from pmem.models.decoder import Decoder, DecoderConfig
@@ -28,7 +31,9 @@ from pmem.train.evaluate import EvalConfig, Evaluator
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  steps: int = 100
+  steps: int = 100  # where to stop; extending a run changes nothing else
+  # the learning-rate schedule's horizon; None: the first run's ``steps`` (stored with checkpoints)
+  schedule_steps: int | None = None
   batch_size: int = 16
   seq_len: int = 128
   log_every: int = 1
@@ -47,12 +52,31 @@ class Experiment:
   eval: EvalConfig = EvalConfig()
   seed: int = 0
 
-  def fingerprint(self) -> dict:
-    """What a resumed run must share with the run that wrote the checkpoint (not steps or mesh)."""
-    t = self.train
-    model = dataclasses.replace(self.model, kernel_impl="xla")  # kernels change speed, not results
-    return ckpt_lib.fingerprint(model=model, data=self.data, seed=self.seed, batch_size=t.batch_size,
-                                seq_len=t.seq_len, optim=t.optim, z_loss=t.z_loss)
+  def fingerprint(self, contents: dict, schedule_steps: int) -> dict:
+    """What a resumed run must share with the run that wrote the checkpoint: every setting but
+    :data:`RESUMABLE`, the schedule's horizon and the data's contents (corpus checksums, tokenizer)."""
+    fp = ckpt_lib.fingerprint(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+    for path in RESUMABLE:
+      *head, last = path.split(".")
+      functools.reduce(lambda d, k: d[k], head, fp).pop(last)
+    fp["train"]["schedule_steps"] = schedule_steps
+    return {**fp, "data_contents": contents}
+
+
+# settings a resumed run may change: where to stop, the NaN stop's remedies (learning rate, clipping),
+# and what changes speed or reporting but no result (logging, prefetch, mesh, kernels, evaluation,
+# checkpoint cadence)
+RESUMABLE = ("train.steps", "train.schedule_steps", "train.log_every", "train.progress", "train.optim.lr",
+             "train.optim.clip_norm", "train.optim.tables.clip_norm", "data.prefetch", "model.kernel_impl", "mesh",
+             "checkpoint", "eval")
+RUN_FILES = ("metrics.jsonl", "summary.json", "tb", "usage_histograms.json")  # what a run writes beside checkpoints
+
+
+def data_contents(p: Pipeline) -> dict:
+  """Checksums of what the run reads: the corpus splits and the tokenizer."""
+  c = p.cfg.corpus
+  return {"corpus": {s: corpus_lib.checksum(c, s) for s in ("train", "valid")} if c else None,
+          "tokenizer": p.tokenizer.fingerprint if p.tokenizer else None}
 
 
 def param_shardings(mesh, abstract_state: nnx.State):
@@ -82,9 +106,12 @@ def count_params(state: nnx.State) -> int:
 
 
 class Trainer:
-  """Builds everything a run needs; ``run`` trains and returns the summary."""
+  """Builds everything a run needs; ``run`` trains and returns the summary. With a ``workdir`` it
+  resumes from the newest readable checkpoint there (or ``step``); a fresh start in a workdir that
+  holds another run's logs needs ``overwrite``."""
 
-  def __init__(self, exp: Experiment, workdir: str | None = None):
+  def __init__(self, exp: Experiment, workdir: str | None = None, *, overwrite: bool = False,
+               step: int | None = None):
     self.exp, self.workdir = exp, workdir
     t = exp.train
     if t.steps < 1 or t.batch_size < 1 or t.seq_len < 1:
@@ -98,7 +125,6 @@ class Trainer:
     if self.data.vocab > exp.model.vocab:
       raise ValueError(f"the data has ids up to {self.data.vocab - 1} (tokenizer/task vocabulary) but "
                        f"model.vocab={exp.model.vocab}")
-    self.tx, self.lr = optim.build(t.optim, t.steps)
     self.batch_sharding = NamedSharding(self.mesh, rules.logical_to_spec(("batch", "length")))
 
     def init():
@@ -107,8 +133,16 @@ class Trainer:
       return graphdef, params, rest, model.cost(t.seq_len)
 
     with jax.set_mesh(self.mesh):
-      graphdef, abs_params, abs_rest, self.cost = _abstract(init)
+      graphdef, abs_params, abs_rest, self.cost = _abstract(init)  # a config that cannot build fails here
       self.graphdef = graphdef
+      self.ckpt, stored = None, None
+      if workdir:  # the first thing written to the workdir (checkpoints/, checked writable)
+        self.ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), exp.checkpoint)
+        stored = self.ckpt.latest_meta()
+      # the schedule's horizon: given, else the one the checkpoints were written with, else train.steps
+      self.schedule_steps = t.schedule_steps or (stored or {}).get("schedule_steps") or t.steps
+      self.fingerprint = exp.fingerprint(data_contents(self.data), self.schedule_steps)
+      self.tx, self.lr = optim.build(t.optim, self.schedule_steps)
       # host-computed batch fields of modules that have them (Engram's hashed n-gram ids), read
       # from the abstract model's static attributes
       self.features = batch_features(nnx.merge(graphdef, abs_params, abs_rest), self.data.tokenizer)
@@ -151,17 +185,38 @@ class Trainer:
     if self.host:
       self.it = self.host.prefetch(self.it)  # stages the next batch's rows during the step
     self.evaluator = Evaluator(exp.eval, self.data, self.score)
-    self.start_step, self.ckpt = 0, None
+    self.start_step = 0
     if workdir:
-      self.ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), exp.checkpoint, exp.fingerprint())
       abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
-      restored = self.ckpt.restore_latest({**abstract, "host": self.host.abstract()} if self.host else abstract)
+      restored = self.ckpt.restore({**abstract, "host": self.host.abstract()} if self.host else abstract,
+                                   self.fingerprint, step)
       if restored is not None:
         self.state, meta = restored
         if self.host:
           self.host.restore(self.state.pop("host"))
         self.start_step = int(meta["data"]["next_step"])
         self.it.set_state(meta["data"]["iterator"])
+        if self.start_step > t.steps:
+          raise ValueError(f"{workdir} has a checkpoint at step {self.start_step}, past train.steps={t.steps}; "
+                           f"set train.steps >= {self.start_step}")
+      elif step is not None:
+        raise ckpt_lib.CheckpointError(f"checkpoint {step} in {self.ckpt.directory} is unreadable")
+      else:
+        self._fresh_start(overwrite)
+
+  def _fresh_start(self, overwrite: bool) -> None:
+    """Step 0 in a workdir: refuse (unless ``overwrite``) if it holds the logs of a run that left no
+    checkpoint to resume, so they are never overwritten silently; with ``overwrite``, remove them."""
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(self.workdir, f))]
+    if not found or self.ckpt.set_aside:  # checkpoints existed but were unreadable: the run restarts
+      return
+    if not overwrite:
+      raise ValueError(f"{self.workdir} holds a run's {', '.join(found)} but no checkpoint to resume; pass "
+                       "--overwrite to start it over, or use another --workdir")
+    if jax.process_index() == 0:
+      for f in found:
+        path = os.path.join(self.workdir, f)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
   def featurize(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``batch`` with the model's host-computed fields added (pmem.core.mixer.batch_features)."""
@@ -219,9 +274,36 @@ class Trainer:
             "bytes_read_per_token": c.bytes_read, "devices": int(np.prod(self.exp.mesh.shape)),
             "processes": jax.process_count(), "mesh": dataclasses.asdict(self.exp.mesh)}
 
+  def finished(self) -> dict | None:
+    """The stored summary of a run that already reached ``train.steps`` and was evaluated."""
+    path = os.path.join(self.workdir or "", "summary.json")
+    if self.start_step == self.exp.train.steps and self.workdir and os.path.exists(path):
+      with open(path) as f:
+        return json.load(f)
+    return None
+
+  def nan_stop(self, name: str, value: float, step: int) -> FloatingPointError:
+    """The NaN stop's message: where the run can go on from, and what may change when it does."""
+    o = self.exp.train.optim
+    kept = self.ckpt.committed() if self.ckpt else []
+    where = (f"rerunning resumes from the newest checkpoint, step {kept[-1]}" if kept else
+             "no checkpoint was saved yet, so a rerun starts over")
+    fix = f"a lower set:train.optim.lr (now {o.lr:g})" + (
+        "" if o.clip_norm is not None else " or clipping, set:train.optim.clip_norm=1.0")
+    return FloatingPointError(f"{name} is {value} at step {step}; stopped before saving it; {where}; "
+                              f"a resumed run may change the learning rate and clipping: try {fix}")
+
   def run(self) -> dict[str, Any]:
     t, lead, ev = self.exp.train, jax.process_index() == 0, self.exp.eval
-    log = _Writer(self.workdir if lead else None, self.start_step)
+    if (done := self.finished()) is not None:  # report it, change nothing
+      if lead:
+        print(f"pmem: {self.workdir} finished {t.steps} steps already; stored results: "
+              + json.dumps({k: v for k, v in done.get("eval", {}).items() if k.count("/") == 1}), flush=True)
+      if self.ckpt is not None:
+        self.ckpt.close()
+      return done
+    final_only = self.start_step == t.steps  # stopped during the last evaluation: only that is left
+    log = _Writer(self.workdir if lead else None, self.start_step, final_only)
     head = self.summary_header()
     if lead:
       print("pmem: " + ", ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}" for k, v in head.items()),
@@ -240,6 +322,8 @@ class Trainer:
           data_s += time.perf_counter() - t_data
           self.state, metrics = self.step_fn(self.state, batch)
           step = s + 1
+          if self.ckpt is not None:
+            self.ckpt.check()  # an asynchronous save that failed stops the run by the next step
           log_now = step % t.log_every == 0 or step == t.steps
           save_now = self.ckpt is not None and self.ckpt.should_save(step, t.steps)
           if log_now or save_now:
@@ -248,8 +332,7 @@ class Trainer:
             # parameters entering this step, param_norm that of the parameters it produced
             bad = [k for k in ("loss", "param_norm") if not math.isfinite(m[k])]
             if bad:
-              raise FloatingPointError(f"{bad[0]} is {m[bad[0]]} at step {step}; stopping (lower train.optim.lr "
-                                       "or enable clipping); the last good checkpoint is kept")
+              raise self.nan_stop(bad[0], m[bad[0]], step)
           if log_now:
             now = time.perf_counter()
             m["tokens_per_s"] = tokens * (step - last_step) / (now - last_t)
@@ -262,7 +345,8 @@ class Trainer:
             bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
           if save_now:
             self.ckpt.save(step, {**self.state, "host": self.host.arrays()} if self.host else self.state,
-                           {"data": {"next_step": step, "iterator": self.it.get_state()}})
+                           {"data": {"next_step": step, "iterator": self.it.get_state()},
+                            "schedule_steps": self.schedule_steps})
             if self.sync_save:  # tables are saved without a copy: finish before the next step writes them
               self.ckpt.manager.wait_until_finished()
           if step == t.steps or (ev.every and step % ev.every == 0):
@@ -271,6 +355,10 @@ class Trainer:
               log.metrics({"step": step, **results})
             last_t = time.perf_counter()  # evaluation time is not training throughput
           bar.update(1)
+        if final_only:
+          results = self.evaluate()
+          if results:
+            log.metrics({"step": t.steps, **results})
         bar.close()
     finally:
       if self.ckpt is not None:
@@ -299,23 +387,31 @@ def _abstract(init):
 
 class _Writer:
   """metrics.jsonl (appended to on resume, dropping rows past the restored step), TensorBoard
-  scalars under ``tb/`` and summary.json; written by process 0 only."""
+  scalars under ``tb/`` (a new event file per run; on resume it starts with a ``SessionLog.START``
+  that purges the earlier files' steps past the restored one) and summary.json; written by process
+  0 only."""
 
-  def __init__(self, workdir: str | None, start_step: int):
+  def __init__(self, workdir: str | None, start_step: int, final_only: bool = False):
     self.workdir, self.last_loss = workdir, None
     if not workdir:
       return
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "metrics.jsonl")
     rows = []
-    if start_step and os.path.exists(path):
-      rows = [r for r in map(json.loads, open(path).read().splitlines()) if r["step"] <= start_step]
+    if start_step and os.path.exists(path):  # ``final_only``: the last evaluation's row is written again
+      rows = [r for r in map(json.loads, open(path).read().splitlines())
+              if r["step"] < start_step or (r["step"] == start_step and ("loss" in r or not final_only))]
       self.last_loss = next((r["loss"] for r in reversed(rows) if "loss" in r), None)
     self.f = open(path, "w")
     for r in rows:
       self.f.write(json.dumps(r) + "\n")
+    from tensorboard.compat.proto import event_pb2
     from tensorboard.summary.writer.event_file_writer import EventFileWriter  # TF-free writer
+    earlier = os.path.isdir(os.path.join(workdir, "tb")) and os.listdir(os.path.join(workdir, "tb"))
     self.tb = EventFileWriter(os.path.join(workdir, "tb"))
+    if earlier:  # TensorBoard drops the earlier files' events from this step on (a killed run's tail)
+      self.tb.add_event(event_pb2.Event(wall_time=time.time(), step=start_step + 1,
+                                        session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
 
   def metrics(self, m: dict) -> None:
     self.last_loss = m.get("loss", self.last_loss)

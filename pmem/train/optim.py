@@ -61,10 +61,15 @@ def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
       decay_steps=max(total_steps, warmup + 1), end_value=cfg.lr * cfg.min_lr_ratio)
 
 
+def _clip(norm: float | None) -> optax.GradientTransformation:
+  """Global-norm clipping; with no norm an infinite one (the updates pass through bit for bit), so
+  the optimizer state has one structure whether clipping is on or off and a run may resume with
+  either (the NaN stop's remedy)."""
+  return optax.clip_by_global_norm(norm if norm else float("inf"))
+
+
 def _adamw(lr, b1, b2, eps, wd, clip, decay_mask) -> optax.GradientTransformation:
-  parts = [optax.clip_by_global_norm(clip)] if clip else []
-  parts.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=wd, mask=decay_mask))
-  return optax.chain(*parts)
+  return optax.chain(_clip(clip), optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=wd, mask=decay_mask))
 
 
 def _scale_by_rowwise_rss(init: float, eps: float) -> optax.GradientTransformation:
@@ -88,7 +93,7 @@ def _dense_table_tx(t: TableOptimConfig, lr, eps: float) -> optax.GradientTransf
                "adagrad_rowwise": _scale_by_rowwise_rss(t.adagrad_init, eps),
                "adam": optax.scale_by_adam(t.b1, t.b2, eps), "adamw": optax.scale_by_adam(t.b1, t.b2, eps)}
   decay = [optax.add_decayed_weights(t.weight_decay)] if t.weight_decay else []
-  parts = [optax.clip_by_global_norm(t.clip_norm)] if t.clip_norm else []
+  parts = [_clip(t.clip_norm)]
   parts += ([direction[t.optimizer]] + decay) if t.optimizer == "adamw" else (decay + [direction[t.optimizer]])
   return optax.chain(*parts, optax.scale_by_learning_rate(lambda s: t.lr_mult * lr(s)))
 

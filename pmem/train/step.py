@@ -11,6 +11,7 @@ import optax
 from flax import nnx
 
 from pmem.data.pipeline import FIELDS
+from pmem.layers.embed import trusted_ids
 from pmem.memory import diagnostics, lookup
 from pmem.core.mixer import TokenContext
 from pmem.train import optim, sparse
@@ -37,7 +38,8 @@ def context(batch) -> TokenContext:
 def forward_loss(graphdef: nnx.GraphDef, params, rest, batch, z_loss: float):
   model = nnx.merge(graphdef, params, rest)
   ctx = context(batch)
-  logits = model(batch["inputs"], ctx)
+  with trusted_ids():  # Trainer.to_device checked them on the host
+    logits = model(batch["inputs"], ctx)
   return lm_loss(logits, batch["targets"], batch["loss_mask"], z_loss)
 
 
@@ -87,7 +89,8 @@ def make_score_step(graphdef: nnx.GraphDef, tx: optim.Optimizer | None = None, c
     if tx is not None and tx.host:
       params = sparse.tapped(params, lambda name, v: name in tx.host, staged(tx, batch))
     model = nnx.merge(graphdef, params, state["rest"])
-    with lookup.reads(record=True), diagnostics.collect() if collect else contextlib.nullcontext() as got:
+    with trusted_ids(), lookup.reads(record=True), \
+        diagnostics.collect() if collect else contextlib.nullcontext() as got:
       logits = model(batch["inputs"], context(batch)).astype(jnp.float32)
     target = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
     out = {"nll": jax.nn.logsumexp(logits, axis=-1) - target,
