@@ -3,7 +3,6 @@
 import json
 
 import fiddle as fdl
-import jax
 import pytest
 from flax import nnx
 

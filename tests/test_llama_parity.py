@@ -12,7 +12,7 @@ from flax import nnx
 from tests.conftest import ROOT, run_oracle
 from pmem.layers.attention import Attention
 from pmem.layers.mlp import SwiGLU
-from pmem.memory.base import TokenContext
+from pmem.core.mixer import TokenContext
 from pmem.models import Decoder, DecoderConfig
 from pmem.models.llama_compat import to_hf_llama
 
@@ -38,5 +38,7 @@ def test_logits_match_hf_llama(tmp_path, tied, scan):
   theirs = np.load(tmp_path / "out.npz")["logits"]
   diff = np.abs(ours - theirs).max()
   print(f"max |pmem - hf| = {diff:.3e}")
+  # two float32 implementations (orders): per layer reductions of ≲ 300 terms (d_model 64, d_ff 96,
+  # 40 keys) of O(1), logits ≲ 3: 300·eps·3 ≈ 1e-4 abs
   assert diff <= 1e-4, diff
   assert np.abs(theirs).max() > 1.0  # logits are not degenerate

@@ -13,9 +13,11 @@ from pmem.core import accounting
 from pmem.core.variables import MemoryTable
 from pmem.layers.attention import Attention
 from pmem.layers.mlp import SwiGLU
-from pmem.memory.base import TokenContext
+from pmem.core.mixer import TokenContext
 from pmem.models import Decoder, DecoderConfig, LayerOverride
 from pmem.models.llama_compat import layers
+from pmem.train import optim
+from tests.tolerances import assert_close
 
 
 def config(**kw) -> DecoderConfig:
@@ -56,11 +58,13 @@ def test_packed_documents_do_not_attend_across():
   y = forward(m, ids, context(ids, seg, pos))
   ids2 = ids.at[0, :10].set(jnp.asarray(rng.integers(0, 64, 10)))  # change document 1 only
   y2 = forward(m, ids2, context(ids2, seg, pos))
-  np.testing.assert_array_equal(np.asarray(y[0, 10:]), np.asarray(y2[0, 10:]))
+  np.testing.assert_array_equal(np.asarray(y[0, 10:]), np.asarray(y2[0, 10:]))  # one program: masked keys add 0
   assert np.abs(np.asarray(y[0, :10] - y2[0, :10])).max() > 1e-3
   # document 2 alone, at positions 0.., gives the same logits as when packed
   alone = forward(m, ids[:, 10:], context(ids[:, 10:]))
-  np.testing.assert_allclose(np.asarray(alone[0]), np.asarray(y[0, 10:]), atol=1e-5)
+  # 14 vs 24 positions: the attention's two sums over the keys (masked ones add exact zeros) group
+  # their terms into other vector lanes; each row's matmuls keep their order: 4 layers x 2 x 24
+  assert_close(alone[0], y[0, 10:], terms=4 * 2 * 24)
 
 
 def test_scan_equals_loop_and_remat_equals_none():
@@ -72,15 +76,19 @@ def test_scan_equals_loop_and_remat_equals_none():
   nnx.update(looped.norm_out, nnx.state(scanned.norm_out))
   looped.head[...] = scanned.head[...]
   ids = jnp.asarray(np.random.default_rng(1).integers(0, 64, (2, 12)), jnp.int32)
-  np.testing.assert_allclose(np.asarray(forward(scanned, ids, context(ids))),
-                             np.asarray(forward(looped, ids, context(ids))), atol=1e-5)
+  # the same operations and shapes, fused differently (scan body vs unrolled): a few roundings per op,
+  # through 4 layers of ~8 ops
+  assert_close(forward(scanned, ids, context(ids)), forward(looped, ids, context(ids)), terms=4 * 8)
 
   def grads(model):
     g, p = nnx.split(model)
     f = lambda p: nnx.merge(g, p)(ids, context(ids)).sum()
     return jax.jit(jax.grad(f))(p)
   remat = Decoder(config(remat="full"), rngs=nnx.Rngs(2))
-  chex.assert_trees_all_close(grads(scanned), grads(remat), rtol=1e-4, atol=1e-3)  # grads reach ~1e2
+  # the same operations (remat recomputes the forward), fused differently: a few roundings per op
+  # forward and back through 4 layers (~4·8·2 terms) at the largest gradient, ~1e2: atol 1e-3 (rtol 1e-4
+  # is looser than 64·eps; kept)
+  chex.assert_trees_all_close(grads(scanned), grads(remat), rtol=1e-4, atol=1e-3)
 
 
 def test_overrides_split_stages_and_cost_counts_params():
@@ -123,8 +131,19 @@ def test_bad_layer_override_and_names_are_errors():
     Decoder(config(remat="ful"), rngs=nnx.Rngs(0))
 
 
-def test_memory_table_is_its_own_variable_type():
-  assert issubclass(MemoryTable, nnx.Param)
+def test_memory_tables_are_selected_by_type_not_name():
+  """A MemoryTable is a trained Param that filters and the optimizer's routing pick by its type: a
+  Param named "table" stays dense, a MemoryTable named "w" goes to the table optimizer."""
+  class M(nnx.Module):
+    def __init__(self):
+      self.table = nnx.Param(jnp.zeros((4, 2)))
+      self.w = MemoryTable(jnp.zeros((8, 2)), axes=("table_rows", "embed"))
+
+  m = M()
+  assert [p for p, _ in nnx.to_flat_state(nnx.state(m, nnx.Param))] == [("table",), ("w",)]  # both trained
+  assert [p for p, _ in nnx.to_flat_state(nnx.state(m, MemoryTable))] == [("w",)]
+  labels = optim.labels(nnx.state(m, nnx.Param))
+  assert labels["table"] == "dense" and labels["w"] == "table"
 
 
 def test_mismatched_context_shapes_are_rejected():
