@@ -121,13 +121,10 @@ class Checkpointer:
   def _failure(self, what: str, listed: bool = True):
     try:
       yield
-    except (OSError, ValueError) as e:  # Orbax re-raises a background thread's OSError as is or wrapped
-      if isinstance(e, CheckpointError) or (isinstance(e, ValueError) and not isinstance(e.__cause__, OSError)):
-        raise
+    except OSError as e:  # Orbax re-raises a background save's OSError as is (check_for_errors)
       self.failed = True
-      cause = e if isinstance(e, OSError) else e.__cause__
       kept = f"; the committed checkpoints {self.committed()} are kept" if listed else ""
-      raise CheckpointError(f"{what} to {self.directory} failed ({cause}){kept}") from e
+      raise CheckpointError(f"{what} to {self.directory} failed ({e}){kept}") from e
 
   def _set_aside(self, step: int, why: str) -> None:
     """Renames an unreadable step to ``<step>.corrupt-<time>`` so the run can write the step again."""
