@@ -28,6 +28,19 @@ import orbax.checkpoint as ocp
 log = logging.getLogger("pmem")
 
 
+class _Untraced(logging.Filter):
+  """Orbax's errors from its background save threads without their tracebacks (dozens of lines
+  each): the :class:`CheckpointError` that stops the run names the cause in one line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if "orbax" in record.pathname:
+      record.exc_info = record.exc_text = None
+    return True
+
+
+logging.getLogger("absl").addFilter(_Untraced())
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
   every: int = 0  # steps between saves; the last step is always saved; 0 = last step only
