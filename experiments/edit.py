@@ -8,7 +8,11 @@ the input ids stay A's — and measures, teacher-forced, token-level:
 
 - **reliability**: accuracy of B's attribute value after A's question, on the training templates;
 - **generalization**: the same on the held-out templates;
-- **locality**: fraction of argmax tokens unchanged on the other people's questions.
+- **locality**: fraction of argmax tokens unchanged on the other people's questions;
+- **generated reliability** (``inject`` and ``before``): fraction of the reliability probes whose
+  greedily generated answer is B's value as a string (:func:`pmem.train.evaluate.greedy_answers`),
+  the edited fact coming out of ``generate``; ``samples`` holds the generated answers to the first
+  pairs' questions before and after the injection.
 
 Two interventions (:mod:`pmem.memory.edit`): ``context`` (A's name positions read B's name rows,
 STEM's editing experiment; other prompts are untouched by construction) and ``inject`` (A's name
@@ -23,6 +27,7 @@ Writes ``WORKDIR/edit.json`` and prints a table.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 
@@ -35,10 +40,14 @@ from flax import nnx
 from configs import cli
 from pmem.core.runtime import reexec_with_tuned_malloc
 from pmem.data import pipeline as pipe
+from pmem.data.tasks import EvalItem, matches
 from pmem.data.tasks.bios import ATTRIBUTES
 from pmem.memory import edit, lookup
 from pmem.train import step as step_lib
+from pmem.train.evaluate import greedy_answers
 from pmem.train.loop import Trainer
+
+SAMPLE_PAIRS = 2  # pairs whose generated answers are recorded and printed
 
 
 def _encode(tok, texts: list[str]) -> list[np.ndarray]:
@@ -76,13 +85,17 @@ def main(argv: list[str] | None = None) -> dict:
   report = evaluate_edits(trainer, a.edits, a.mode)
   with open(os.path.join(a.workdir, "edit.json"), "w") as f:
     json.dump(report, f, indent=1)
-  print("| edit | reliability | generalization | locality | nats/token of B's value (seen, held-out) |\n"
-        "|---|---|---|---|---|")
+  print("| edit | reliability | generated reliability | generalization | locality | "
+        "nats/token of B's value (seen, held-out) |\n|---|---|---|---|---|---|")
   for k, r in report.items():
     if isinstance(r, dict):
-      print(f"| {k} | {r['reliability']:.3f} | {r['generalization']:.3f} | {r['locality']:.3f} | "
+      gen = f"{r['generated_reliability']:.3f}" if "generated_reliability" in r else "n/a"
+      print(f"| {k} | {r['reliability']:.3f} | {gen} | {r['generalization']:.3f} | {r['locality']:.3f} | "
             f"{r['target_nats']:.2f}, {r['target_nats_heldout']:.2f} |")
   print(f"before editing, accuracy of A's own values: {report['known']:.3f} (seen templates)")
+  print("\n| A's question | A's value | B's value | generated before | generated after inject |\n|---|---|---|---|---|")
+  for x in report["samples"]:
+    print(f"| {x['question']} | {x['a_value'].strip()} | {x['b_value'].strip()} | {x['before']!r} | {x['inject']!r} |")
   return report
 
 
@@ -100,8 +113,8 @@ def evaluate_edits(trainer: Trainer, n_edits: int, mode: str = "auto") -> dict:
     return logits.argmax(-1), nll
 
   def items(people, kind, value_of):
-    """(context, answer of the value person, span of the name, the name's ids there, the value
-    person's name ids in the same template) per attribute."""
+    """(probe: person i's question and the value person's answer, span of the name, the name's ids
+    there, the value person's name ids in the same template) per attribute."""
     rows = []
     for i in people:
       rng = np.random.default_rng([7, i, kind == "heldout"])
@@ -113,16 +126,17 @@ def evaluate_edits(trainer: Trainer, n_edits: int, mode: str = "auto") -> dict:
         j = value_of(i)
         _, ids_j = _name_span(tok, template, bios.people[j].name, bios.qa(j, attr, template)[0])
         if span is not None and ids_j is not None:
-          rows.append((context, bios.qa(j, attr, template)[1], span, ids_i, ids_j))
+          rows.append((EvalItem(context, bios.qa(j, attr, template)[1], (("attribute", attr),), key=i), span,
+                       ids_i, ids_j))
     return rows
 
   def run(rows, state, edited=False):
     """Argmax ids, target nll and answer mask of each row; ``edited``: a context edit of every
     row's name span to the value person's name."""
-    docs = pipe.encode_segments(tok, [[(c, False), (ans, True)] for c, ans, *_ in rows])
+    docs = pipe.encode_segments(tok, [[(it.context, False), (it.answer, True)] for it, *_ in rows])
     fields = pipe.window_fields(*pipe.pad_rows(docs, t1, "edit probes"))
     if edited:
-      fields |= edit.edit_features(fields["inputs"], [(span, ids_j) for _, _, span, _, ids_j in rows], mode)
+      fields |= edit.edit_features(fields["inputs"], [(span, ids_j) for _, span, _, ids_j in rows], mode)
     pred, nll = jax.device_get(predict(state, fields))
     return pred, nll, fields["targets"], fields["loss_mask"] > 0
 
@@ -139,9 +153,13 @@ def evaluate_edits(trainer: Trainer, n_edits: int, mode: str = "auto") -> dict:
   seen, held = items(pairs, "seen", pairs.get), items(pairs, "heldout", pairs.get)
   params = state["params"]
   # A's name tokens (as they occur in the prompts: sentence-initial or not) take B's rows
-  for ids_a, ids_b in {(tuple(r[3]), tuple(r[4])) for r in seen + held}:
+  for ids_a, ids_b in {(tuple(r[2]), tuple(r[3])) for r in seen + held}:
     params = edit.inject(params, np.array(ids_a), np.array(ids_b), mode)
   injected = {**state, "params": params}
+  # greedy answers to A's questions (no context edit: generate reads the input ids' rows)
+  probes = [it for it, *_ in seen]
+  answers = {k: greedy_answers(functools.partial(trainer.generate, state=s), tok, probes)
+             for k, s in (("before", state), ("inject", injected))}
 
   def metrics(state, edited=False):
     (rel, rel_nats), (gen, gen_nats) = scores(seen, state, edited), scores(held, state, edited)
@@ -149,9 +167,14 @@ def evaluate_edits(trainer: Trainer, n_edits: int, mode: str = "auto") -> dict:
     return {"reliability": rel, "generalization": gen, "locality": loc,
             "target_nats": rel_nats, "target_nats_heldout": gen_nats}
 
-  return {"before": metrics(state), "context": metrics(state, True), "inject": metrics(injected),
-          "known": scores(items(pairs, "seen", lambda i: i), state)[0],
-          "pairs": len(pairs), "probes": len(seen) + len(held), "locality_probes": len(others)}
+  report = {"before": metrics(state), "context": metrics(state, True), "inject": metrics(injected)}
+  for k, texts in answers.items():
+    report[k]["generated_reliability"] = float(np.mean([matches(t, it.answer) for t, it in zip(texts, probes)]))
+  samples = [{"question": it.context, "a_value": " " + getattr(bios.people[it.key], dict(it.group)["attribute"]),
+              "b_value": it.answer, **{k: texts[r] for k, texts in answers.items()}}
+             for r, it in enumerate(probes) if it.key < 2 * SAMPLE_PAIRS]
+  return {**report, "known": scores(items(pairs, "seen", lambda i: i), state)[0],
+          "pairs": len(pairs), "probes": len(seen) + len(held), "locality_probes": len(others), "samples": samples}
 
 
 if __name__ == "__main__":

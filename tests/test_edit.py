@@ -102,6 +102,14 @@ def test_bios_edit_demo_runs(tmp_path):
   for kind in ("before", "context", "inject"):
     for metric in ("reliability", "generalization", "locality"):
       assert 0.0 <= report[kind][metric] <= 1.0
+  # greedy answers to A's questions, before and after the injection (a context edit cannot be generated)
+  assert "generated_reliability" not in report["context"]
+  assert all(0.0 <= report[k]["generated_reliability"] <= 1.0 for k in ("before", "inject"))
+  from pmem.data.tasks.bios import Bios, BiosConfig
+  a_names = [p.name for p in Bios(BiosConfig(n_people=20)).people[:4:2]]  # A of the first two pairs
+  assert report["samples"]
+  for s in report["samples"]:
+    assert any(n in s["question"] for n in a_names) and all(isinstance(s[k], str) for k in ("before", "inject"))
 
 
 def test_engram_hashes_the_edited_stream():

@@ -1,5 +1,6 @@
-"""Evaluation: answer scores match an independent forward pass, bits per byte, task reports in
-summary.json and TensorBoard, and out-of-range ids rejected at the boundary."""
+"""Evaluation: answer scores match an independent forward pass, generated answers follow the
+teacher-forced argmax chain, bits per byte, task reports in summary.json and TensorBoard, and
+out-of-range ids rejected at the boundary."""
 
 import json
 import math
@@ -12,6 +13,7 @@ from flax import nnx
 
 from configs import cli
 from pmem.core.mixer import TokenContext
+from pmem.data.tasks import EvalItem
 from pmem.train.loop import Trainer
 from tests.tolerances import tol
 
@@ -52,10 +54,34 @@ def test_answer_scores_match_an_independent_forward_pass(bios):
     assert sc.correct == bool((logp[pos].argmax(-1) == tgt[pos]).all())
 
 
+def test_generation_follows_the_teacher_forced_argmax_chain(bios):
+  """On the untrained model, per probe: the greedy tokens, scored teacher-forced as the answer, are
+  every one the argmax; and the evaluator's generated match equals teacher-forced correctness, on
+  the real probes and on probes whose answers are the model's own continuations (1-3 tokens)."""
+  t, tok = bios, bios.data.tokenizer
+  items = [it for kind in ("seen", "heldout") for it in t.data.tasks["bios"].eval_items(kind, 3)]
+  prompts = [np.asarray(x, np.int32) for x in tok.encode_batch([it.context for it in items])]
+  new = t.generate(prompts, 3)  # 36 prompts of several lengths: batches of 8, the last filled up
+  assert [len(g) for g in new] == [3] * len(items)
+  docs = [(np.concatenate([p, g]), np.arange(len(p) + 3) >= len(p)) for p, g in zip(prompts, new)]
+  assert all(hit.all() for _, hit in t.evaluator._spans(docs, "greedy chains"))
+  own = []
+  for i, (it, g) in enumerate(zip(items, new)):
+    answer = tok.decode(g[:1 + i % 3])
+    if answer.strip() and np.array_equal(tok.encode_batch([answer])[0], g[:1 + i % 3]):  # encodes back to them
+      own.append(EvalItem(it.context, answer, it.group))
+  assert len(own) >= 6
+  probes = items + own
+  correct = [sc.correct for sc in t.evaluator.answers(probes)]
+  assert correct[len(items):] == [True] * len(own)
+  assert t.evaluator.generated(probes) == correct
+
+
 def test_bios_run_reports_accuracy_and_knowledge_bits(tmp_path):
   t = trainer("bios_small", "set:data.bios.n_people=12", "set:data.tokenizer.vocab_size=320", "set:model.vocab=320",
-              "set:train.steps=4", "set:eval.every=2")
+              "set:train.steps=4", "set:eval.every=2", "set:eval.generate=True", "set:eval.bios_people=3")
   s = t.run()["eval"]
+  assert t._generator[0] is t.state["params"]  # the generator was given the final parameters
   from pmem.data.tasks.bios import ATTRIBUTES
   # by hand from the final model's answer scores (the test above checks those against a forward pass),
   # the items in the evaluator's order: the same batches, so the same scores bit for bit
@@ -78,7 +104,8 @@ def test_bios_run_reports_accuracy_and_knowledge_bits(tmp_path):
       bits += max(0.0, bios.domain_bits[g["attribute"]] - sc.nats / math.log(2))
   # float64 sums of ≤ len(items) terms, per attribute and then over them: another order
   np.testing.assert_allclose(s["bios/knowledge_bits"], bits, **tol(np.float64, bits, terms=len(items)))
-  want = bios.report(items, scores)  # every per-attribute entry is that of these scores
+  want = bios.report(items, scores, t.evaluator.generated(items))  # every entry is that of these answers
+  assert {f"bios/generated_acc/{kind}" for kind in ("seen", "heldout")} <= set(want)
   assert {k: s[k] for k in want} == want
   assert s["bios/bits_per_param"] == s["bios/knowledge_bits"] / t.params_total
   assert s["bios/bits_per_active_param"] == s["bios/knowledge_bits"] / t.cost.active_params
@@ -87,7 +114,8 @@ def test_bios_run_reports_accuracy_and_knowledge_bits(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name,sets,key", [
     ("mqar_small", ["set:data.mqar.n_train=64", "set:data.mqar.n_test=16"], "mqar/acc"),
-    ("passkey_small", ["set:data.passkey.n_train=32", "set:data.passkey.n_eval=1"], "passkey/acc/length/24/depth/0.5"),
+    ("passkey_small", ["set:data.passkey.n_train=32", "set:data.passkey.n_eval=1", "set:eval.generate=True"],
+     "passkey/acc/length/24/depth/0.5"),
 ])
 def test_task_configs_train_and_report(name, sets, key):
   t = trainer(name, "set:train.steps=2", *sets)
@@ -103,6 +131,9 @@ def test_task_configs_train_and_report(name, sets, key):
     scores = t.evaluator.answers(items)
     (hit,) = [sc.correct for it, sc in zip(items, scores) if it.group == (("length", 24), ("depth", 0.5))]
     assert s[key] == float(hit) and s["passkey/acc"] == sum(sc.correct for sc in scores) / len(scores)
+    generated = t.evaluator.generated(items)
+    assert s["passkey/generated_acc"] == sum(generated) / len(items)
+    assert all(g for g, sc in zip(generated, scores) if sc.correct)  # teacher-forced correct: generated too
 
 
 def test_text_eval_bits_per_byte_and_tensorboard(tmp_path):

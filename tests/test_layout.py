@@ -14,7 +14,9 @@ ALLOWED = {
     "pmem/layers": {"pmem/core", "kernels"},
     "pmem/memory": {"pmem/core", "pmem/layers", "kernels"},
     "pmem/models": {"pmem/core", "pmem/layers", "pmem/memory", "kernels"},
-    "pmem/train": {"pmem/core", "pmem/data", "pmem/layers", "pmem/memory", "pmem/models", "kernels"},
+    "pmem/decode": {"pmem/core", "pmem/layers", "pmem/memory", "pmem/models", "kernels"},
+    "pmem/train": {"pmem/core", "pmem/data", "pmem/decode", "pmem/layers", "pmem/memory", "pmem/models", "kernels"},
+    "pmem/__init__": {"pmem/train"},  # pmem.load
 }
 OURS = ("pmem", "kernels", "configs", "experiments")
 

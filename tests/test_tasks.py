@@ -1,4 +1,5 @@
-"""Synthetic tasks: bioS biographies, MQAR, passkey — determinism, domains, held-out templates, report math."""
+"""Synthetic tasks: bioS biographies, MQAR, passkey — determinism, domains, held-out templates, report math
+(teacher-forced and generated answers)."""
 
 import math
 import re
@@ -6,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from pmem.data.tasks import AnswerScore, EvalItem
+from pmem.data.tasks import AnswerScore, EvalItem, matches
 from pmem.data.tasks import bios as B
 from pmem.data.tasks.mqar import Mqar, MqarConfig
 from pmem.data.tasks.passkey import FILLER, Passkey, PasskeyConfig
@@ -97,6 +98,13 @@ def test_bios_report_accuracy_and_clamped_bits(people):
   scores = [AnswerScore(nats=nats[dict(it.group)["attribute"]], correct=it.key == 0, tokens=3) for it in items]
   r = people.report(items, scores)
   assert r["bios/acc/seen"] == 0.5 and r["bios/acc/heldout"] == 1.0 and r["bios/acc/major/seen"] == 0.5
+  assert not any("generated" in k for k in r)
+  generated = [dict(it.group)["attribute"] == "major" for it in items]  # other hits than the teacher-forced
+  g = people.report(items, scores, generated)
+  assert {k: v for k, v in g.items() if "generated" not in k} == r
+  assert g["bios/generated_acc/seen"] == g["bios/generated_acc/heldout"] == 1 / 6
+  assert g["bios/generated_acc/major/seen"] == 1.0 and g["bios/generated_acc/employer/heldout"] == 0.0
+  assert len(g) == len(r) + len([k for k in r if "/acc/" in k])  # every acc metric, generated too
   assert math.isclose(r["bios/bits/birth_city"], 2 * (math.log2(200) - 1))  # float64, a few terms: as above
   assert r["bios/bits/university"] == 0.0  # clamped at zero
   assert math.isclose(r["bios/bits/birth_date"], 2 * math.log2(12 * 28 * 200))
@@ -181,6 +189,17 @@ def test_passkey_layout_and_report():
   r = task.report(items, scores)
   assert r["passkey/acc"] == pytest.approx(1 / 3) and r["passkey/acc/length/8"] == 1.0
   assert r["passkey/acc/depth/0.5"] == pytest.approx(1 / 3) and r["passkey/acc/length/16/depth/0.25"] == 0.0
+  g = task.report(items, scores, [dict(it.group)["depth"] == 0.5 for it in items])
+  assert {k: v for k, v in g.items() if "generated" not in k} == r and len(g) == 2 * len(r)
+  assert g["passkey/generated_acc"] == g["passkey/generated_acc/length/8"] == pytest.approx(1 / 5)
+  assert g["passkey/generated_acc/depth/0.5"] == 1.0 and g["passkey/generated_acc/length/16/depth/0.25"] == 0.0
+  with pytest.raises(ValueError):  # one hit per item
+    task.report(items, scores, [True])
+
+
+def test_generated_answers_match_after_stripping_whitespace():
+  assert matches(" 12345", " 12345") and matches("12345\n", " 12345") and matches(" Foo Labs ", " Foo Labs")
+  assert not matches(" 1234", " 12345") and not matches(" 12345.", " 12345") and not matches(" foo labs", " Foo Labs")
 
 
 def test_eval_items_are_hashable():

@@ -22,6 +22,24 @@ itself must agree with the model, else :func:`build` refuses it naming both valu
 width of the model's default channel mixer) is a default: given to a factory that takes ``d_ff``
 and leaves it unset (STEM's width follows the FFN it replaces). A factory that takes ``layer``
 depends on its index, so the decoder builds each of its layers alone (never stacked in a scan).
+
+**Decode state.** A mixer that remembers across calls (attention's KV cache, a recurrence's state,
+Engram's conv tail) defines ``init_state(batch, max_len, dtype) -> State`` (a pytree of arrays,
+:func:`stateful`) and has one call in two uses: ``mixer(x, ctx) -> y`` on whole documents from
+their starts (training, evaluation; packed documents are kept apart by ``ctx.segment_ids``), and
+``mixer(x, ctx, state) -> (y, new_state)`` on the next ``T >= 1`` tokens of each row after what
+``state`` holds (prefill: a prompt; decode: one token). ``ctx.positions`` are the tokens' absolute
+positions in their documents in both, so a prompt, then token after token, gives the logits of
+the whole sequence at once (``tests/test_decode.py`` checks this for every registered config). A
+stateless mixer defines nothing and is always called ``mixer(x, ctx)``. In a state call
+``segment_ids == 0`` marks padding (left padding of shorter prompts): a mixer never lets a
+padding token reach a real one. The decoder carries the per-layer states (stacked along the layer
+axis in scanned stages) as one ``cache`` pytree (:meth:`pmem.models.decoder.Decoder.init_cache`).
+
+**Host features in decode.** A module whose host features read previous tokens (Engram's n-grams)
+says how many with ``host_history`` (an int attribute); the generator hands its ``fn`` the last
+``host_history + 1`` tokens of each row with their positions and keeps the last column, so decode
+features are the training-time ones, bit for bit (:func:`feature_history`).
 """
 
 from __future__ import annotations
@@ -90,7 +108,21 @@ def build(factory: Callable, facts: Mapping[str, Any], *, rngs, what: str = ""):
   return factory(**given, rngs=rngs)
 
 
+State = Any  # a mixer's decode state: a pytree of arrays
+
+
+def stateful(m) -> bool:
+  """Whether ``m`` owns decode state (defines ``init_state``)."""
+  return callable(getattr(m, "init_state", None))
+
+
 HostFeatures = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+def feature_history(model: nnx.Module) -> int:
+  """How many previous tokens the host features of ``model``'s modules read (0: none)."""
+  return max([int(getattr(m, "host_history", 0)) for _, m in nnx.iter_graph(model)
+              if isinstance(m, nnx.Module) and callable(getattr(m, "host_features", None))], default=0)
 
 
 def batch_features(model: nnx.Module, tokenizer) -> HostFeatures | None:

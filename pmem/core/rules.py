@@ -9,10 +9,12 @@ dimension of the same array (so activations put ``batch`` on ``data``+``fsdp`` a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
-from jax.sharding import PartitionSpec as P
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -39,16 +41,22 @@ RULES: tuple[tuple[str, MeshAxes], ...] = (
 
 
 def logical_to_spec(axes: Sequence[str | None], ndim: int | None = None,
-                    rules: Sequence[tuple[str, MeshAxes]] = RULES) -> P:
-  """Resolves logical names to a PartitionSpec. Extra leading dims (stacked layers) stay unsharded."""
+                    rules: Sequence[tuple[str, MeshAxes]] = RULES, shape: Sequence[int] | None = None,
+                    mesh=None) -> P:
+  """Resolves logical names to a PartitionSpec. Extra leading dims (stacked layers) stay unsharded.
+  With ``shape`` and ``mesh``, a candidate that does not divide its dim is skipped (a prime-sized
+  Engram table falls back to the next ``table_rows`` rule, or stays unsharded)."""
   used: set[str] = set()
   out: list[MeshAxes] = []
-  for name in axes:
+  lead = 0 if shape is None else len(shape) - len(axes)
+  for i, name in enumerate(axes):
     chosen: MeshAxes = None
     for rule_name, mesh_axes in rules:
       if rule_name != name or mesh_axes is None:
         continue
       cand = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+      if shape is not None and shape[lead + i] % math.prod(mesh.shape[a] for a in cand):
+        continue
       if used.isdisjoint(cand):
         chosen = mesh_axes
         used.update(cand)
@@ -67,3 +75,11 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   if mesh.empty:
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.ndim))
+
+
+def param_shardings(mesh, abstract_state):
+  """NamedSharding per variable of an nnx State from its logical ``axes`` metadata (replicated if
+  none), each mesh axis only where it divides the dim."""
+  def one(v):
+    return NamedSharding(mesh, logical_to_spec(v.get_metadata().get("axes", ()), v.ndim, shape=v.shape, mesh=mesh))
+  return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -1,6 +1,9 @@
 """Variable types. ``MemoryTable`` marks large lookup tables so that optimizer routing
 (row-sparse updates), row sharding and host offload select them by type, never by name."""
 
+from collections.abc import Callable, Mapping
+
+import numpy as np
 from flax import nnx
 
 
@@ -16,3 +19,34 @@ class MemoryTable(nnx.Param):
 
 def is_variable(x) -> bool:
   return isinstance(x, nnx.Variable)
+
+
+def name_of(path) -> str:
+  return "/".join(map(str, path))
+
+
+def tables_of(params: nnx.State, select: Callable) -> dict[str, tuple[tuple, nnx.Variable]]:
+  """``{name: (path, variable)}`` of the table variables ``select(name, variable)`` picks."""
+  return {name_of(p): (p, v) for p, v in nnx.to_flat_state(params)
+          if isinstance(v, MemoryTable) and select(name_of(p), v)}
+
+
+def with_values(tables: Mapping[str, tuple[tuple, nnx.Variable]], values: Mapping[str, object]) -> nnx.State:
+  """A State of the named table variables holding ``values[name]`` (same paths and metadata)."""
+  return nnx.from_flat_state([(p, v.replace(values[name])) for name, (p, v) in tables.items()])
+
+
+def stage_rows(name: str, table: np.ndarray, ids: np.ndarray, max_unique: int) -> dict[str, np.ndarray]:
+  """``{rows [..., U, D], slots [..., U]}`` of a host table ``[..., V, D]`` for the ids a batch reads:
+  the sorted unique ids (padded with ``V`` to ``U = max_unique``) and their rows (zeros after)."""
+  ids, v = np.unique(np.asarray(ids)), table.shape[-2]
+  if ids.size and (ids[0] < 0 or ids[-1] >= v):
+    raise ValueError(f"host table {name!r} ({v} rows) is read with ids in [{ids[0]}, {ids[-1]}]")
+  if ids.size > max_unique:
+    raise ValueError(f"host table {name!r}: the batch has {ids.size} unique ids, more than the "
+                     f"{max_unique} staged rows (train.optim.tables.max_unique)")
+  slots = np.full((max_unique,), v, np.int32)
+  slots[:ids.size] = ids
+  rows = np.zeros((*table.shape[:-2], max_unique, table.shape[-1]), table.dtype)
+  rows[..., :ids.size, :] = table[..., ids, :]
+  return {"rows": rows, "slots": np.broadcast_to(slots, rows.shape[:-1]).copy()}  # per stacked layer

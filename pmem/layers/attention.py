@@ -1,4 +1,13 @@
-"""GQA causal self-attention with RoPE that never attends across packed documents."""
+"""GQA causal self-attention with RoPE that never attends across packed documents, optionally
+within a sliding window of ``window`` positions, with a KV cache for prefill and decode.
+
+The cache (:meth:`Attention.init_state`) holds the roped keys and the values of up to ``S`` tokens
+per row, ``S = max_len`` (or ``window``: a ring buffer), with each slot's position and segment id
+(segment 0: empty or padding): ``{k, v: [B, S, K, H], pos, seg: int32 [B, S], end: int32 []}``
+(``end``: tokens written so far, the same for every row; slot of token ``i`` is ``i % S``). A call
+on ``T`` new tokens attends over the ``S`` cached slots and the ``T`` new ones, masked by segment,
+position (causal) and window, then writes the new tokens' last ``min(T, S)`` into the ring.
+Without ``window`` the caller keeps ``end + T <= max_len`` (the generator checks it)."""
 
 from __future__ import annotations
 
@@ -15,24 +24,41 @@ from pmem.layers.rope import apply_rope
 from pmem.core.mixer import TokenContext
 
 
-def segment_causal_mask(segment_ids: jax.Array) -> jax.Array:
-  """bool[B, 1, T, T]: query t sees key s <= t of the same non-padding segment."""
+def segment_causal_mask(segment_ids: jax.Array, positions: jax.Array | None = None,
+                        window: int | None = None) -> jax.Array:
+  """bool[B, 1, T, T]: query t sees key s <= t of the same non-padding segment (and, with
+  ``window``, less than ``window`` positions back)."""
   t = segment_ids.shape[-1]
   same = segment_ids[:, :, None] == segment_ids[:, None, :]
   causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-  return (same & causal & (segment_ids[:, :, None] > 0))[:, None]
+  mask = same & causal & (segment_ids[:, :, None] > 0)
+  if window is not None:
+    mask &= positions[:, :, None] - positions[:, None, :] < window
+  return mask[:, None]
+
+
+def cache_mask(q_pos, q_seg, k_pos, k_seg, window: int | None) -> jax.Array:
+  """bool[B, 1, T, S]: query (position, segment) sees key slot (position, segment) when both are in
+  the same non-padding segment and the key is not later (nor ``window`` or more positions back)."""
+  dp = q_pos[:, :, None] - k_pos[:, None, :]
+  mask = (q_seg[:, :, None] == k_seg[:, None, :]) & (q_seg[:, :, None] > 0) & (dp >= 0)
+  if window is not None:
+    mask &= dp < window
+  return mask[:, None]
 
 
 @SEQUENCE_MIXERS.register("attention")
 class Attention(nnx.Module):
 
   def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int | None = None,
-               rope_theta: float = 10000.0, out_scale: float = 1.0, dtype: str = "float32", *,
-               rngs: nnx.Rngs):
+               rope_theta: float = 10000.0, window: int | None = None, out_scale: float = 1.0,
+               dtype: str = "float32", *, rngs: nnx.Rngs):
     if n_heads % n_kv_heads:
       raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}")
+    if window is not None and window < 1:
+      raise ValueError(f"attention window must be >= 1 positions (or None), got {window}")
     h = head_dim or d_model // n_heads
-    self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, h
+    self.n_heads, self.n_kv_heads, self.head_dim, self.window = n_heads, n_kv_heads, h, window
     self.d_model, self.rope_theta, self.dtype = d_model, rope_theta, jnp.dtype(dtype)
     k = rngs.params
     self.wq = nnx.Param(fan_in_normal(k(), (d_model, n_heads, h), d_model), axes=("embed", "heads", "head_dim"))
@@ -41,7 +67,15 @@ class Attention(nnx.Module):
     self.wo = nnx.Param(fan_in_normal(k(), (n_heads, h, d_model), n_heads * h, out_scale),
                         axes=("heads", "head_dim", "embed"))
 
-  def __call__(self, x: Float[Array, "B T D"], ctx: TokenContext) -> Float[Array, "B T D"]:
+  def init_state(self, batch: int, max_len: int, dtype: str = "float32") -> dict[str, jax.Array]:
+    """An empty cache (module docstring) of ``max_len`` slots, or ``window`` if smaller."""
+    s = min(max_len, self.window or max_len)
+    kv = lambda: jnp.zeros((batch, s, self.n_kv_heads, self.head_dim), dtype)  # noqa: E731
+    return {"k": kv(), "v": kv(), "pos": jnp.zeros((batch, s), jnp.int32), "seg": jnp.zeros((batch, s), jnp.int32),
+            "end": jnp.zeros((), jnp.int32)}
+
+  def __call__(self, x: Float[Array, "B T D"], ctx: TokenContext, state: dict | None = None):
+    """``y`` (whole documents) or, with a cache ``state``, ``(y, new_state)`` (pmem.core.mixer)."""
     dt, (b, t, d) = self.dtype, x.shape
     n, nkv, h = self.n_heads, self.n_kv_heads, self.head_dim
     x2 = x.astype(dt).reshape(b * t, d)  # 2-D matmuls (faster than 3-D einsums on XLA:CPU)
@@ -52,10 +86,32 @@ class Attention(nnx.Module):
     q = constrain(apply_rope(q, ctx.positions, self.rope_theta), ("batch", "length", "act_heads", None))
     k = constrain(apply_rope(k, ctx.positions, self.rope_theta), ("batch", "length", "act_kv_heads", None))
     v = constrain(v, ("batch", "length", "act_kv_heads", None))
-    o = jax.nn.dot_product_attention(q, k, v, mask=segment_causal_mask(ctx.segment_ids))
+    if state is None:
+      mask = segment_causal_mask(ctx.segment_ids, ctx.positions, self.window)
+      o = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    else:
+      c = state
+      keys = jnp.concatenate([c["k"], k.astype(c["k"].dtype)], 1).astype(dt)
+      vals = jnp.concatenate([c["v"], v.astype(c["v"].dtype)], 1).astype(dt)
+      mask = cache_mask(ctx.positions, ctx.segment_ids, jnp.concatenate([c["pos"], ctx.positions], 1),
+                        jnp.concatenate([c["seg"], ctx.segment_ids], 1), self.window)
+      o = jax.nn.dot_product_attention(q, keys, vals, mask=mask)
+      state = self._write(c, k, v, ctx)
     o = constrain(o, ("batch", "length", "act_heads", None))
     y = o.reshape(b * t, n * h) @ self.wo[...].astype(dt).reshape(n * h, d)
-    return constrain(y.reshape(b, t, d), ("batch", "length", "embed"))
+    y = constrain(y.reshape(b, t, d), ("batch", "length", "embed"))
+    return y if state is None else (y, state)
+
+  @staticmethod
+  def _write(c: dict, k: jax.Array, v: jax.Array, ctx: TokenContext) -> dict:
+    """The cache with the last ``min(T, S)`` new tokens written at slots ``i % S``."""
+    s, t = c["k"].shape[1], k.shape[1]
+    m = min(t, s)
+    slots = (c["end"] + t - m + jnp.arange(m)) % s
+    put = lambda old, new: old.at[:, slots].set(new[:, t - m:].astype(old.dtype))  # noqa: E731
+    kv_axes = ("batch", "length", "act_kv_heads", None)
+    return {"k": constrain(put(c["k"], k), kv_axes), "v": constrain(put(c["v"], v), kv_axes),
+            "pos": put(c["pos"], ctx.positions), "seg": put(c["seg"], ctx.segment_ids), "end": c["end"] + t}
 
   def mix_values(self, v: Float[Array, "B T K H"], x: Float[Array, "B T D"],
                  ctx: TokenContext) -> Float[Array, "B T K H"]:
@@ -68,5 +124,8 @@ class Attention(nnx.Module):
   def cost(self, seq_len: int) -> accounting.Cost:
     d, h, n, nkv = self.d_model, self.head_dim, self.n_heads, self.n_kv_heads
     proj = accounting.dense(d, n * h) + 2 * accounting.dense(d, nkv * h) + accounting.dense(n * h, d)
-    # QK^T and AV: 2 matmuls x 2 FLOPs x T keys x n*h, halved for causal masking.
-    return proj + accounting.Cost(flops=2 * 2 * seq_len * n * h // 2)
+    # QK^T and AV: 2 matmuls x 2 FLOPs x keys per query x n*h; keys: T/2 (causal), or the mean of
+    # min(t + 1, window) over the sequence
+    w = self.window
+    keys2 = seq_len if w is None or w >= seq_len else (w * (w + 1) + 2 * w * (seq_len - w)) // seq_len
+    return proj + accounting.Cost(flops=2 * keys2 * n * h)

@@ -28,7 +28,9 @@
     Y_m = ṽ_m + SiLU(Σ_{j<4} w_{m,j} ⊙ RMSNorm(ṽ_m)_{t−jN})   (depthwise causal conv, dilation N)
     y   = (1/M) Σ_m Y_m
 
-The conv is zero-initialised (paper v2), so at init ``y = α v``. Tap ``j`` reads position ``t − jN``
+The conv is zero-initialised (paper v2), so at init ``y = α v``. In decode (``pmem.core.mixer``)
+the host hashes each new token from the ``N − 1`` before it (``host_history``) and the layer's
+state is the conv's tail, the conv inputs of the last ``3N`` tokens. Tap ``j`` reads position ``t − jN``
 (torch ``Conv1d`` kernel index ``3 − j``) and is zero where that lies before the document start
 (``positions[t] < jN``). The branch is added to the residual stream at the start of the block,
 before attention (``LayerOverride(pre=...)``).
@@ -230,6 +232,7 @@ class Engram(nnx.Module):
     self.compress, self.gate, self.conv, self.capacity_one = compress, gate, conv, capacity_one
     self.seed, self.pad_id, self.dtype = seed, pad_id, jnp.dtype(dtype)
     self.feature = feature(layer)
+    self.host_history = max_order - 1  # the host hashes read the N−1 tokens before each one
     # sizes[n − 2][k]; the plan of the whole model, so primes stay distinct with or without this control
     self.sizes = (((1,) * heads,) * (max_order - 1) if capacity_one
                   else table_primes(sizes, heads, layers)[layers.index(layer)])
@@ -290,17 +293,27 @@ class Engram(nnx.Module):
       s = jnp.sign(s) * jnp.sqrt(jnp.maximum(jnp.abs(s), 1e-6))
     return jax.nn.sigmoid(s)
 
-  def short_conv(self, u: Float[Array, "B T M D"], positions: Int[Array, "B T"]) -> Float[Array, "B T M D"]:
-    """Depthwise causal conv, tap j at lag j·N, no tap across a document start."""
-    w, t = self.w_conv[...].astype(u.dtype), u.shape[1]
+  def short_conv(self, u: Float[Array, "B T M D"], positions: Int[Array, "B T"],
+                 tail: Float[Array, "B L M D"] | None = None) -> tuple[Float[Array, "B T M D"], Float[Array, "B L M D"]]:
+    """Depthwise causal conv, tap j at lag j·N, no tap across a document start; ``tail``: the conv
+    inputs of the ``L = 3N`` tokens before ``u`` (decode state; zeros for whole documents). Returns
+    the output and the new tail."""
+    w, (b, t, m, d), lead = self.w_conv[...].astype(u.dtype), u.shape, (KERNEL - 1) * self.max_order
+    full = jnp.concatenate([jnp.zeros((b, lead, m, d), u.dtype) if tail is None else tail.astype(u.dtype), u], 1)
     out = jnp.zeros_like(u)
     for j in range(KERNEL):
       lag = j * self.max_order
-      src = jnp.pad(u, ((0, 0), (lag, 0), (0, 0), (0, 0)))[:, :t]
-      out = out + jnp.where((positions >= lag)[..., None, None], src, 0) * w[j]
-    return out
+      out = out + jnp.where((positions >= lag)[..., None, None], full[:, lead - lag:lead - lag + t], 0) * w[j]
+    return out, full[:, t:]
 
-  def __call__(self, h: Float[Array, "B T D"], ctx: TokenContext) -> Float[Array, "B T D"]:
+  def init_state(self, batch: int, max_len: int, dtype: str = "float32") -> dict[str, jax.Array]:
+    """The conv tail (:meth:`short_conv`); the n-gram history is the host's (``host_history``)."""
+    del max_len
+    if not self.conv:
+      return {}
+    return {"tail": jnp.zeros((batch, (KERNEL - 1) * self.max_order, self.branches, self.d_model), dtype)}
+
+  def __call__(self, h: Float[Array, "B T D"], ctx: TokenContext, state: dict | None = None):
     dt, (b, t, d), m = self.dtype, h.shape, self.branches
     ids = self.row_ids(ctx)
     diagnostics.usage("engram", ids, self.num_rows)
@@ -310,8 +323,12 @@ class Engram(nnx.Module):
     diagnostics.stat("engram/gate", a.reshape(b, t, m))
     y = (a[..., None].astype(dt) * v[:, None]).reshape(b, t, m, d)  # ṽ_m
     if self.conv:
-      y = y + jax.nn.silu(self.short_conv((_rms(y) * self.scale_c[...]).astype(dt), ctx.positions))
-    return constrain(y.mean(axis=2).astype(dt), ("batch", "length", "embed"))
+      c, tail = self.short_conv((_rms(y) * self.scale_c[...]).astype(dt), ctx.positions,
+                                None if state is None else state["tail"])
+      y = y + jax.nn.silu(c)
+      state = None if state is None else {"tail": tail.astype(state["tail"].dtype)}
+    y = constrain(y.mean(axis=2).astype(dt), ("batch", "length", "embed"))
+    return y if state is None else (y, state)
 
   def cost(self, seq_len: int) -> accounting.Cost:
     """Each token reads (N−1)·K rows (d_mem numbers); the gate's <k̂, ĥ> and the conv taps count

@@ -1,4 +1,5 @@
-"""The one way a memory module reads a :class:`MemoryTable`: :func:`gather` and :func:`bag`.
+"""The one way a memory module reads a :class:`MemoryTable`: :func:`gather`, :func:`bag` and, for
+loops, :func:`stage`.
 
 Outside the train step (eval, init, dense-updated tables) a read is an ordinary gather whose
 gradient is the dense scatter-add (``kernels.embedding``). Inside the train step a row-sparse
@@ -20,8 +21,22 @@ id" (``-1``) and is dropped. Modules stay pure functions of (variables, inputs);
 a trace-time counter of reads per table (:func:`reads`), which maps the i-th read of a table in
 one forward to its i-th probe.
 
-A module must read every ``MemoryTable`` through these two functions: indexing a tapped table
+A module must read every ``MemoryTable`` through these functions: indexing a tapped table
 (``table[...]``, ``jnp.take(table.value, ...)``) raises a TypeError naming the table.
+
+Loops: a probe belongs to one read, so a tapped read inside a ``lax.scan`` / ``fori_loop`` body or a
+``vmap`` would have its probe's cotangent summed over the iterations (the row gradients of different
+iterations added position by position, the float-coded ids garbled) unless the loop slices the probe:
+the decoder's layer scan over stacked tables ``[L, V, D]`` gives each layer its own slice of the
+Tap. A module that loops over time reads its rows before the loop with :func:`stage` (ids known
+before the loop: token / n-gram tables) and the body indexes the plain array; the gradient reaches
+the staged rows through ordinary autodiff across the loop, and the probe is filled once, outside.
+Every other tapped read in a loop raises a ValueError (checked at trace time, against the traces the
+read runs under: a loop between the probe's trace and the read means the probe was closed over or
+broadcast; more loops between the read scope and the probe than the Tap has stacked dims means one
+carried it), so ids computed inside a loop (product-key top-k) cannot be read there. Not detected: a
+Tap sliced by hand (``a[i]``) and then carried through a loop. Reads of plain arrays (eval, init)
+are ordinary gathers, in loops or not.
 
 Ids: concrete ids outside the table raise a ValueError. Traced ids are trusted by default: modules
 compute them in range (hashes reduced modulo the rows, product-key top-k slots) or read token ids
@@ -39,6 +54,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax._src.interpreters.batching import BatchTrace
+from jax.extend.core import find_top_trace
 from jaxtyping import Array, Float, Int
 
 from kernels import embedding_bag, embedding_gather
@@ -66,12 +83,14 @@ class Tap:
 
   ``rows``: the table ``[..., V, D]``, or (host placement) the staged rows ``[..., U, D]`` of the
   sorted ids ``slots [..., U]`` (padded with ``num_rows``). ``probes``: one per read (empty while the
-  step discovers the reads). Leading dims are stacked layers; the layer scan slices them."""
+  step discovers the reads). Leading dims are stacked layers; the layer scan slices them.
+  ``stacked``: how many leading dims the variable has (the loops that may slice the Tap)."""
   rows: jax.Array
   slots: jax.Array | None
   probes: tuple[Probe, ...]
   name: str = dataclasses.field(metadata=dict(static=True))
   num_rows: int = dataclasses.field(metadata=dict(static=True))
+  stacked: int = dataclasses.field(metadata=dict(static=True))
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -94,10 +113,12 @@ class Tap:
 
 class _Reads:
   """Reads per table in one trace of the forward; with ``record`` reads are plain (no probes) and
-  ``probes`` records the shape of each one's probe (a :class:`Probe` of ShapeDtypeStructs)."""
+  ``probes`` records the shape of each one's probe (a :class:`Probe` of ShapeDtypeStructs).
+  ``trace``: the trace the scope was opened in (where the Taps are made)."""
 
   def __init__(self, record: bool):
     self.record, self.count, self.probes = record, {}, {}
+    self.trace = find_top_trace(())
 
   def next(self, name: str, probe: Probe) -> int:
     i = self.count.get(name, 0)
@@ -164,6 +185,33 @@ def _positions(t: Tap, ids: jax.Array) -> jax.Array:
   return jnp.where(t.slots[jnp.minimum(pos, t.slots.shape[0] - 1)] == idx, pos, t.rows.shape[0])
 
 
+_LOOPS = ("scan", "fori_loop", "while_body", "while_cond")  # DebugInfo.traced_for of loop bodies
+
+
+def _is_loop(trace) -> bool:
+  """Whether ``trace`` is a vmap's or the body of a scan / fori / while loop."""
+  dbg = getattr(getattr(trace, "frame", None), "debug_info", None)
+  return isinstance(trace, BatchTrace) or getattr(dbg, "traced_for", None) in _LOOPS
+
+
+def _check_loops(t: Tap, probe: Probe, scope) -> None:
+  """Raise unless every loop between the read scope's trace ``scope`` and the read slices the probe
+  (see the module docstring). Walks the traces from the read's up to ``scope``: a loop below the
+  probe's trace closed over or broadcast the probe; the loops from it up must each have sliced one
+  stacked dim off the Tap (one that did not carried it)."""
+  trace, own = find_top_trace(()), getattr(probe.grads, "_trace", None)
+  closed = sliced = 0
+  while trace is not None and trace is not scope:
+    own = None if trace is own else own  # None from the probe's trace up
+    if _is_loop(trace):
+      closed, sliced = (closed, sliced + 1) if own is None else (closed + 1, sliced)
+    trace = getattr(trace, "parent_trace", None)
+  if closed or sliced > t.stacked:
+    raise ValueError(f"MemoryTable {t.name!r} is read inside a lax.scan / fori_loop / vmap body that does not "
+                     "slice it, which would sum its row gradients over the iterations: stage the rows before the "
+                     "loop with pmem.memory.lookup.stage (ids computed inside a loop cannot be read there)")
+
+
 def _probe(t: Tap, spec: Probe) -> Probe | None:
   """This read's probe (None while reads are recorded); ``spec``: its shapes."""
   if t.rows.ndim != 2:
@@ -180,6 +228,7 @@ def _probe(t: Tap, spec: Probe) -> Probe | None:
   got = jax.tree.map(lambda a: (a.shape, a.dtype), p)
   if got != jax.tree.map(lambda a: (a.shape, a.dtype), spec):
     raise RuntimeError(f"MemoryTable {t.name!r} read {i}: probe {got} for a read of {spec}")
+  _check_loops(t, p, ctx.trace)
   return p
 
 
@@ -238,6 +287,14 @@ def gather(table, ids: Int[Array, "..."], *, ids_check: str = "trusted") -> Floa
   if isinstance(t, Tap):
     return _tapped(t, ids).reshape(*ids.shape, t.rows.shape[-1])
   return embedding_gather(t, ids)
+
+
+def stage(table, ids: Int[Array, "..."], *, ids_check: str = "trusted") -> Float[Array, "... D"]:
+  """The rows ``[*ids.shape, D]`` of every id a loop (``lax.scan``, ``fori_loop``, ``vmap``) will use,
+  read before the loop: the body indexes them (or scans them as inputs), their gradient flows back
+  across the loop by ordinary autodiff, and this one read fills the probe. A :func:`gather`, named
+  for the loop rule of the module docstring."""
+  return gather(table, ids, ids_check=ids_check)
 
 
 def bag(table, ids: Int[Array, "... k"], weights: Float[Array, "... k"], *,

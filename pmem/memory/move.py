@@ -2,7 +2,8 @@
 baseline (nanochat / modded-nanogpt layer-wise value embeddings).
 
 Both are sequence mixers: :class:`pmem.layers.attention.Attention` with its ``mix_values`` hook
-overridden, so the mixed value is what attention (and a KV cache) sees. ``K`` below is the number
+overridden, so the mixed value is what attention sees and what its KV cache stores (decode reads
+the bank rows of the new token only). ``K`` below is the number
 of value heads (``n_kv_heads``; the paper's ``H`` under multi-head attention, where K = H) and
 ``h`` the head width, so ``d_v = K·h``.
 
@@ -92,12 +93,12 @@ class MoveAttention(Attention):
 
   def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, vocab: int, n_slots: int,
                head_dim: int | None = None, rope_theta: float = 10000.0, bank: str = "layer",
-               out_scale: float = 1.0, dtype: str = "float32", *, rngs: nnx.Rngs):
+               window: int | None = None, out_scale: float = 1.0, dtype: str = "float32", *, rngs: nnx.Rngs):
     if bank not in BANKS:
       raise ValueError(f"MoVE bank must be one of {BANKS}, got {bank!r}")
     if n_slots < 1:
       raise ValueError(f"MoVE needs n_slots >= 1, got {n_slots}")
-    super().__init__(d_model, n_heads, n_kv_heads, head_dim, rope_theta, out_scale, dtype, rngs=rngs)
+    super().__init__(d_model, n_heads, n_kv_heads, head_dim, rope_theta, window, out_scale, dtype, rngs=rngs)
     self.vocab, self.n_slots, self.bank_mode = vocab, n_slots, bank
     self.w_router = nnx.Param(jnp.zeros((d_model, n_kv_heads, n_slots + 1)), axes=("embed", "kv_heads", None))
     if bank == "layer":
@@ -140,10 +141,10 @@ class LaveAttention(Attention):
 
   def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, vocab: int, head_dim: int | None = None,
                rope_theta: float = 10000.0, gate_channels: int = 32, gate_scale: float = 2.0,
-               out_scale: float = 1.0, dtype: str = "float32", *, rngs: nnx.Rngs):
+               window: int | None = None, out_scale: float = 1.0, dtype: str = "float32", *, rngs: nnx.Rngs):
     if not 0 < gate_channels <= d_model:
       raise ValueError(f"LaVE gate_channels={gate_channels} must lie in 1..d_model={d_model}")
-    super().__init__(d_model, n_heads, n_kv_heads, head_dim, rope_theta, out_scale, dtype, rngs=rngs)
+    super().__init__(d_model, n_heads, n_kv_heads, head_dim, rope_theta, window, out_scale, dtype, rngs=rngs)
     self.vocab, self.gate_channels, self.gate_scale = vocab, gate_channels, gate_scale
     self.table = _value_table(rngs.params(), vocab, n_kv_heads * self.head_dim, d_model)
     self.w_gate = nnx.Param(jnp.zeros((gate_channels, n_kv_heads)), axes=(None, "kv_heads"))

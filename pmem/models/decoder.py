@@ -157,18 +157,32 @@ class Block(nnx.Module):
     self.norm_ch = norm()
     self.ch = make(ch, CHANNEL_MIXERS)
 
-  def __call__(self, x: Float[Array, "B T D"], ctx: TokenContext) -> Float[Array, "B T D"]:
+  def mixers(self) -> dict[str, nnx.Module]:
+    """The block's mixers in call order, by their key in the block's cache."""
+    return {**{f"pre{i}": m for i, m in enumerate(self.pre)}, "seq": self.seq,
+            **{f"aug{i}": m for i, m in enumerate(self.aug)}, "ch": self.ch}
+
+  def init_state(self, batch: int, max_len: int, dtype: str) -> dict[str, mixer.State]:
+    return {k: m.init_state(batch, max_len, dtype) for k, m in self.mixers().items() if mixer.stateful(m)}
+
+  def __call__(self, x: Float[Array, "B T D"], ctx: TokenContext, state: dict | None = None):
+    """``x`` after the block; with a cache ``state`` (pmem.core.mixer), ``(x, new_state)``."""
     norms = [*self.norm_pre, self.norm_seq, *self.norm_aug, self.norm_ch]
-    mixers = [*self.pre, self.seq, *self.aug, self.ch]
+    mixers = list(self.mixers().items())
+    new = {} if state is not None else None
     h = norms[0](x)
-    for i, m in enumerate(mixers):
-      y = m(h, ctx)
+    for i, (key, m) in enumerate(mixers):
+      if state is not None and key in state:
+        y, new[key] = m(h, ctx, state[key])
+      else:
+        y = m(h, ctx)
       chex.assert_equal_shape([x, y])  # every mixer maps [B, T, D] -> [B, T, D]
       if i + 1 < len(mixers):  # the residual add fused with the next branch's norm
         h, x = norms[i + 1].add_and_norm(y.astype(x.dtype), x)
       else:
         x = x + y.astype(x.dtype)
-    return constrain(x, ("batch", "length", "embed"))
+    x = constrain(x, ("batch", "length", "embed"))
+    return x if state is None else (x, new)
 
   def cost(self, seq_len: int) -> accounting.Cost:
     parts = [*self.norm_pre, *self.pre, self.norm_seq, self.seq, self.norm_ch, self.ch, *self.norm_aug, *self.aug]
@@ -191,22 +205,41 @@ class Stage(nnx.Module):
     else:
       self.blocks = nnx.List([Block(cfg, spec, start + i, rngs=rngs) for i in range(n)])
 
-  def __call__(self, x: Float[Array, "B T D"], ctx: TokenContext) -> Float[Array, "B T D"]:
-    def apply(block, h):
-      return block(h, ctx)
+  def init_state(self, batch: int, max_len: int, dtype: str):
+    """The blocks' caches: one pytree stacked along the layer axis (scanned) or a list."""
+    if not self.scan:
+      return [b.init_state(batch, max_len, dtype) for b in self.blocks]
+    one = self.blocks.init_state(batch, max_len, dtype)  # sizes are static: the same for every layer
+    return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.n, *a.shape)), one)
+
+  def __call__(self, x: Float[Array, "B T D"], ctx: TokenContext, cache=None):
+    """``x`` after the stage; with ``cache`` (:meth:`init_state`), ``(x, new_cache)``."""
+    def apply(block, h, c):
+      return block(h, ctx) if c is None else block(h, ctx, c)
     if self.remat:
       apply = jax.checkpoint(apply, policy=self.policy)
     if not self.scan:
-      for block in self.blocks:
-        x = apply(block, x)
-      return x
+      out = []
+      for i, block in enumerate(self.blocks):
+        if cache is None:
+          x = apply(block, x, None)
+        else:
+          x, c = apply(block, x, cache[i])
+          out.append(c)
+      return x if cache is None else (x, out)
     graphdef, state = nnx.split(self.blocks)
+    layer = lambda i, tree: jax.tree.map(lambda a: a[i], tree)  # noqa: E731
     if diagnostics.active():  # unrolled, so values the layers record need not leave a scan
+      out = []
       for i in range(self.n):
-        x = apply(nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)), x)
+        r = apply(nnx.merge(graphdef, layer(i, state)), x, None if cache is None else layer(i, cache))
+        x = r if cache is None else r[0]
+        out.append(None if cache is None else r[1])
+      return x if cache is None else (x, jax.tree.map(lambda *a: jnp.stack(a), *out))
+    if cache is None:
+      x, _ = jax.lax.scan(lambda h, s: (apply(nnx.merge(graphdef, s), h, None), None), x, state)
       return x
-    x, _ = jax.lax.scan(lambda h, s: (apply(nnx.merge(graphdef, s), h), None), x, state)
-    return x
+    return jax.lax.scan(lambda h, sc: apply(nnx.merge(graphdef, sc[0]), h, sc[1]), x, (state, cache))
 
   def cost(self, seq_len: int) -> accounting.Cost:
     block = self.blocks if self.scan else self.blocks[0]  # costs depend on static sizes only
@@ -227,20 +260,40 @@ class Decoder(nnx.Module):
       self.head = nnx.Param(fan_in_normal(rngs.params(), (cfg.d_model, cfg.vocab), cfg.d_model),
                             axes=("embed", "vocab"))
 
-  def __call__(self, ids: Int[Array, "B T"], ctx: TokenContext) -> Float[Array, "B T V"]:
-    """Float32 logits. Token ids outside ``[0, vocab)`` are an error, also under ``jit``
-    (``pmem.layers.embed.check_ids``), except inside ``pmem.layers.embed.trusted_ids()`` (the
-    trainer's steps, whose batches were checked on the host)."""
+  def init_cache(self, batch: int, max_len: int) -> dict[str, Any]:
+    """An empty decode cache for ``batch`` rows of up to ``max_len`` tokens (pmem.core.mixer):
+    ``{"stages": [per-stage states], "shared": {name: state}}``, in the model's ``dtype``."""
+    dt = self.cfg.dtype
+    return {"stages": [s.init_state(batch, max_len, dt) for s in self.stages],
+            "shared": {n: m.init_state(batch, max_len, dt) for n, m in self.shared.items() if mixer.stateful(m)}}
+
+  def __call__(self, ids: Int[Array, "B T"], ctx: TokenContext, cache: dict | None = None):
+    """Float32 logits ``[B, T, V]``; with a ``cache`` (:meth:`init_cache`), ``(logits, new_cache)``
+    for the ``T`` tokens after those the cache holds (prefill or decode, pmem.core.mixer). Token
+    ids outside ``[0, vocab)`` are an error, also under ``jit`` (``pmem.layers.embed.check_ids``),
+    except inside ``pmem.layers.embed.trusted_ids()`` (the trainer's steps, whose batches were
+    checked on the host)."""
     chex.assert_rank(ids, 2)
     chex.assert_type(ids, int)
     chex.assert_equal_shape([ids, ctx.positions, ctx.segment_ids])
     if ctx.ids is not ids:  # token-indexed tables read ctx.ids
       check_ids(ctx.ids, self.cfg.vocab)
     x = constrain(self.embed(ids), ("batch", "length", "embed"))
+    new = None if cache is None else {"stages": [], "shared": {}}
     if self.cfg.shared:
-      ctx = dataclasses.replace(ctx, features={**ctx.features, **{n: m(ids, ctx) for n, m in self.shared.items()}})
-    for stage in self.stages:
-      x = stage(x, ctx)
+      feats = {}
+      for n, m in self.shared.items():
+        if cache is not None and n in cache["shared"]:
+          feats[n], new["shared"][n] = m(ids, ctx, cache["shared"][n])
+        else:
+          feats[n] = m(ids, ctx)
+      ctx = dataclasses.replace(ctx, features={**ctx.features, **feats})
+    for i, stage in enumerate(self.stages):
+      if cache is None:
+        x = stage(x, ctx)
+      else:
+        x, c = stage(x, ctx, cache["stages"][i])
+        new["stages"].append(c)
     h = self.norm_out(x).astype(jnp.float32)
     if self.cfg.tie_embeddings:
       logits = self.embed.attend(h)
@@ -248,7 +301,8 @@ class Decoder(nnx.Module):
       b, t, d = h.shape
       logits = (h.reshape(b * t, d) @ self.head[...]).reshape(b, t, -1)
     chex.assert_shape(logits, (*ids.shape, self.cfg.vocab))
-    return constrain(logits, ("batch", "length", "act_vocab"))
+    logits = constrain(logits, ("batch", "length", "act_vocab"))
+    return logits if cache is None else (logits, new)
 
   def cost(self, seq_len: int) -> accounting.Cost:
     c = self.embed.cost(seq_len) + self.norm_out.cost(seq_len)

@@ -3,7 +3,9 @@
 Everything reduces the per-position ``nll`` / ``correct`` of :func:`pmem.train.step.make_score_step`:
 text metrics over loss masks, task probes over answer spans (a probe row is context + answer,
 only the answer tokens in the mask; an answer is *correct* when every token is the argmax, which is
-what greedy decoding would reproduce).
+what greedy decoding would reproduce). With ``eval.generate`` the bios and passkey probes are also
+answered by greedy generation from the context, through the trainer's ``generate``
+(``*/generated_acc``, :meth:`Evaluator.generated`).
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from pmem.data import pipeline as pipe
-from pmem.data.tasks import AnswerScore, EvalItem
+from pmem.data.tasks import AnswerScore, EvalItem, matches
+from pmem.data.tokenizer import Tokenizer
 from pmem.train.inspect import UsageAccumulator
 
 Score = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]  # global [B, T] batch -> nll, correct
+Generate = Callable[[list[np.ndarray], int], list[np.ndarray]]  # prompts, max_new_tokens -> greedy new tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,12 +31,24 @@ class EvalConfig:
   valid_batches: int | None = 8  # batches of held-out text; None = the whole valid split, 0 = none
   bios_people: int | None = 1000  # people probed per template set; None = all
   mqar_examples: int | None = None  # test examples; None = mqar.n_test
+  generate: bool = False  # also answer the bios and passkey probes by greedy generation (*/generated_acc)
+
+
+def greedy_answers(generate: Generate, tok: Tokenizer, items: Sequence[EvalItem]) -> list[str]:
+  """Each probe's greedily generated answer: the first ``k`` new tokens after its context, decoded,
+  ``k`` its answer's token count (all are generated for the longest answer's count; the tokens past
+  ``k`` change none before them)."""
+  contexts = [np.asarray(x, np.int32) for x in tok.encode_batch([it.context for it in items])]
+  k = [len(x) for x in tok.encode_batch([it.answer for it in items])]
+  return [tok.decode(x[:n]) for x, n in zip(generate(contexts, max(k)), k, strict=True)]
 
 
 class Evaluator:
 
-  def __init__(self, cfg: EvalConfig, data: pipe.Pipeline, score: Score):
-    self.cfg, self.data, self.score = cfg, data, score
+  def __init__(self, cfg: EvalConfig, data: pipe.Pipeline, score: Score, generate: Generate | None = None):
+    if cfg.generate and generate is None:
+      raise ValueError("eval.generate needs a generate function")
+    self.cfg, self.data, self.score, self.generate = cfg, data, score, generate
     self._valid = None
     self.usage: UsageAccumulator | None = None  # set while held-out text is scored
     self.histograms: dict[str, list[int]] = {}  # of the last evaluation (pmem.train.inspect)
@@ -81,6 +97,17 @@ class Evaluator:
     return [AnswerScore(nats=float(nll.sum()), correct=bool(hit.all()), tokens=len(hit))
             for nll, hit in self._spans(docs, f"{len(items)} probes")]
 
+  def generated(self, items: Sequence[EvalItem]) -> list[bool]:
+    """Whether each probe's greedy answer (:func:`greedy_answers`) matches its answer as a string
+    (:func:`pmem.data.tasks.matches`). Greedy decoding follows the argmax chain, so a teacher-forced
+    ``correct`` answer is a generated match (up to rounding: cached decode steps vs one forward pass)."""
+    answers = greedy_answers(self.generate, self.data.tokenizer, items)
+    return [matches(text, it.answer) for text, it in zip(answers, items, strict=True)]
+
+  def _probes(self, task, items: Sequence[EvalItem]) -> dict[str, float]:
+    """``task``'s report of teacher-forced (and with ``eval.generate``, generated) answers."""
+    return task.report(items, self.answers(items), self.generated(items) if self.cfg.generate else None)
+
   def _spans(self, docs: Sequence[pipe.Doc], name: str):
     """(nll, correct) over each document's masked targets, one document per row."""
     fields = pipe.window_fields(*pipe.pad_rows(docs, self.data.t + 1, name))
@@ -96,10 +123,9 @@ class Evaluator:
     tasks = self.data.tasks
     if "bios" in tasks:
       items = [it for t in ("seen", "heldout") for it in tasks["bios"].eval_items(t, self.cfg.bios_people)]
-      out.update(tasks["bios"].report(items, self.answers(items)))
+      out.update(self._probes(tasks["bios"], items))
     if "passkey" in tasks:
-      items = tasks["passkey"].eval_items()
-      out.update(tasks["passkey"].report(items, self.answers(items)))
+      out.update(self._probes(tasks["passkey"], tasks["passkey"].eval_items()))
     if "mqar" in tasks:
       m = tasks["mqar"]
       n = m.cfg.n_test if self.cfg.mqar_examples is None else self.cfg.mqar_examples

@@ -30,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from pmem.core import variables
 from pmem.train import optim, sparse
 
 
@@ -119,22 +120,8 @@ class HostTables:
 
   def stage(self, batch: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
     """``{name: {rows [..., U, D], slots [..., U]}}`` for a batch: its unique ids (padding = V) and rows."""
-    out = {}
-    for name, table in self.tables.items():
-      ids = np.unique(np.asarray(batch[self.index[name]]))
-      v = table.shape[-2]
-      if ids.size and (ids[0] < 0 or ids[-1] >= v):
-        raise ValueError(f"host table {name!r} ({v} rows) is indexed by batch[{self.index[name]!r}] with ids in "
-                         f"[{ids[0]}, {ids[-1]}]")
-      if ids.size > self.max_unique:
-        raise ValueError(f"host table {name!r}: the batch has {ids.size} unique ids, more than the "
-                         f"{self.max_unique} staged rows (train.optim.tables.max_unique)")
-      slots = np.full((self.max_unique,), v, np.int32)
-      slots[:ids.size] = ids
-      rows = np.zeros((*table.shape[:-2], self.max_unique, table.shape[-1]), table.dtype)
-      rows[..., :ids.size, :] = table[..., ids, :]
-      out[name] = {"rows": rows, "slots": np.broadcast_to(slots, rows.shape[:-1]).copy()}  # per stacked layer
-    return out
+    return {name: variables.stage_rows(name, table, batch[self.index[name]], self.max_unique)
+            for name, table in self.tables.items()}
 
   def _refresh(self, staged: dict, written: Mapping[str, np.ndarray]) -> dict:
     """Gathers again the staged rows that were written after they were staged."""

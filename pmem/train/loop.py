@@ -20,10 +20,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pmem.core import accounting, mesh as mesh_lib, rules
-from pmem.core.variables import is_variable
+from pmem.core.rules import param_shardings
 from pmem.data import corpus as corpus_lib
 from pmem.data.pipeline import FIELDS, DataConfig, Pipeline
 from pmem.core.mixer import batch_features
+from pmem.decode import Generator
 from pmem.models.decoder import Decoder, DecoderConfig
 from pmem.train import checkpoint as ckpt_lib, host_tables, inspect, optim, sparse, step as step_lib
 from pmem.train.evaluate import EvalConfig, Evaluator
@@ -77,14 +78,6 @@ def data_contents(p: Pipeline) -> dict:
   c = p.cfg.corpus
   return {"corpus": {s: corpus_lib.checksum(c, s) for s in ("train", "valid")} if c else None,
           "tokenizer": p.tokenizer.fingerprint if p.tokenizer else None}
-
-
-def param_shardings(mesh, abstract_state: nnx.State):
-  """NamedSharding per variable from its logical ``axes`` metadata (replicated if none)."""
-  def one(v):
-    axes = v.get_metadata().get("axes", ())
-    return NamedSharding(mesh, rules.logical_to_spec(axes, v.ndim))
-  return jax.tree.map(one, abstract_state, is_leaf=is_variable)
 
 
 def shardings_like(tree, abs_params, params_sh, default):
@@ -184,7 +177,8 @@ class Trainer:
     self.it = self.data.iterator(self.rows, t.steps, self.featurize)
     if self.host:
       self.it = self.host.prefetch(self.it)  # stages the next batch's rows during the step
-    self.evaluator = Evaluator(exp.eval, self.data, self.score)
+    self.evaluator = Evaluator(exp.eval, self.data, self.score, self.generate)
+    self._generator: tuple[Any, Generator | None] = (None, None)  # (the params it was built from, it)
     self.start_step = 0
     if workdir:
       abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
@@ -240,6 +234,28 @@ class Trainer:
     with jax.set_mesh(self.mesh):
       out = self.score_fn(self.state, self.to_device(self.featurize(batch), range(self.exp.train.batch_size)))
     return jax.device_get(out)
+
+  def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, state: dict | None = None
+               ) -> list[np.ndarray]:
+    """Greedy continuations (``max_new_tokens`` tokens each) of token-id prompts under ``state``
+    (default: the current one), in batches of ``train.batch_size`` (the last filled up with copies of
+    its first prompt), by one :class:`pmem.decode.Generator` (compiled once) given the parameters
+    whenever they change."""
+    state = self.state if state is None else state
+    if self._generator[0] is not state["params"]:
+      model = nnx.merge(self.graphdef, state["params"], state["rest"])
+      gen = self._generator[1]
+      if gen is None:
+        gen = Generator(model, self.data.tokenizer, max_len=self.exp.train.seq_len,
+                        host_tables=self.host.tables if self.host else None, mesh=self.mesh)
+      else:
+        gen.set_model(model)
+      self._generator = state["params"], gen
+    gen, b, out = self._generator[1], self.exp.train.batch_size, []
+    for lo in range(0, len(prompts), b):
+      part = list(prompts[lo:lo + b])
+      out += gen.generate(part + part[:1] * (b - len(part)), max_new_tokens).tokens[:len(part)]
+    return out
 
   def evaluate(self) -> dict[str, float]:
     out = self.evaluator.run()

@@ -49,7 +49,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from kernels import common, embedding_bag_table_grad, native
-from pmem.core.variables import MemoryTable
+from pmem.core.variables import MemoryTable, name_of, tables_of, with_values  # noqa: F401 (re-exported)
 from pmem.memory import lookup
 
 OPTIMIZERS = ("sgd", "adagrad", "adagrad_rowwise", "adam", "adamw")
@@ -63,21 +63,6 @@ class Rows:
   and are dropped on scatter): a compact gradient, or the new values of those rows."""
   ids: Int[Array, "... N"]
   rows: Float[Array, "... N D"]
-
-
-def name_of(path) -> str:
-  return "/".join(map(str, path))
-
-
-def tables_of(params: nnx.State, select: Callable) -> dict[str, tuple[tuple, nnx.Variable]]:
-  """``{name: (path, variable)}`` of the table variables ``select(name, variable)`` picks."""
-  return {name_of(p): (p, v) for p, v in nnx.to_flat_state(params)
-          if isinstance(v, MemoryTable) and select(name_of(p), v)}
-
-
-def with_values(tables: Mapping[str, tuple[tuple, nnx.Variable]], values: Mapping[str, object]) -> nnx.State:
-  """A State of the named table variables holding ``values[name]`` (same paths and metadata)."""
-  return nnx.from_flat_state([(p, v.replace(values[name])) for name, (p, v) in tables.items()])
 
 
 def row_axis(v) -> int:
@@ -131,7 +116,8 @@ def tapped(params: nnx.State, select: Callable, staged: Staged | None = None,
   (a placeholder in ``params``) read from the rows a host stage shipped with the batch."""
   tables = tables_of(params, select)
   src, probes = _sources(tables, staged or {}), probes or {}
-  taps = {name: lookup.Tap(rows, slots, probes.get(name, ()), name, n) for name, (rows, slots, n) in src.items()}
+  taps = {name: lookup.Tap(rows, slots, probes.get(name, ()), name, n, rows.ndim - 2)
+          for name, (rows, slots, n) in src.items()}
   return nnx.merge_state(params, with_values(tables, taps))
 
 
@@ -145,7 +131,7 @@ def value_and_grad(f: Callable, params: nnx.State, select: Callable, staged: Sta
   src = _sources(tables, staged or {})
   dense, fixed = nnx.split_state(params, lambda path, v: name_of(path) not in tables, ...)
   with lookup.reads(record=True) as found:
-    jax.eval_shape(lambda: f(tapped(params, select, staged)))
+    jax.eval_shape(lambda p: f(tapped(p, select, staged)), params)  # Variables of this trace, for nnx transforms in f
   zeros = lambda lead: lambda a: jnp.zeros((*lead, *a.shape), a.dtype)  # noqa: E731
   probes = {name: tuple(jax.tree.map(zeros(rows.shape[:-2]), p) for p in found.probes[name])
             for name, (rows, _, _) in src.items() if name in found.probes}

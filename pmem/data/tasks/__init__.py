@@ -1,8 +1,9 @@
 """Synthetic evaluation tasks generated in code, deterministic by seed (bioS, MQAR, passkey).
 
 A text document is a list of ``Segment`` (text, in_loss). A question is an ``EvalItem`` whose
-``answer`` the evaluator scores teacher-forced into an ``AnswerScore``; each task's ``report``
-turns those into flat metric names.
+``answer`` the evaluator scores teacher-forced into an ``AnswerScore`` and, optionally, compares
+with a greedily generated answer (:func:`matches`); each task's ``report`` turns those into flat
+metric names.
 """
 
 from __future__ import annotations
@@ -29,10 +30,20 @@ class AnswerScore:
   tokens: int
 
 
-def accuracy(items: Sequence[EvalItem], scores: Sequence[AnswerScore],
-             name: Callable[[dict[str, Any]], str]) -> dict[str, float]:
-  """Mean ``correct`` per metric name, where ``name`` maps an item's group (as a dict) to a name."""
+def matches(generated: str, answer: str) -> bool:
+  """A generated answer's string comparison: exact match after stripping surrounding whitespace."""
+  return generated.strip() == answer.strip()
+
+
+def accuracy(task: str, items: Sequence[EvalItem], scores: Sequence[AnswerScore],
+             generated: Sequence[bool] | None, cells: Callable[[dict[str, Any]], Sequence[str]]) -> dict[str, float]:
+  """Mean hit per metric ``{task}/{mode}{cell}``, over the items whose group (as a dict) ``cells``
+  maps to ``cell`` (each item lies in every cell it is mapped to); modes: ``acc``, teacher-forced
+  (``scores``' ``correct``), and given per-item ``generated`` hits, ``generated_acc``."""
+  modes = {"acc": [s.correct for s in scores], **({"generated_acc": generated} if generated is not None else {})}
   hits = collections.defaultdict(list)
-  for item, score in zip(items, scores, strict=True):
-    hits[name(dict(item.group))].append(bool(score.correct))
+  for mode, mode_hits in modes.items():
+    for item, hit in zip(items, mode_hits, strict=True):
+      for cell in cells(dict(item.group)):
+        hits[f"{task}/{mode}{cell}"].append(bool(hit))
   return {k: sum(v) / len(v) for k, v in hits.items()}

@@ -200,8 +200,10 @@ class Bios:
         items.append(EvalItem(context, answer, (("attribute", a), ("templates", templates)), key=i))
     return items
 
-  def report(self, items: Sequence[EvalItem], scores: Sequence[AnswerScore]) -> dict[str, float]:
-    """Accuracy per attribute and template set, and knowledge bits on the "seen" items.
+  def report(self, items: Sequence[EvalItem], scores: Sequence[AnswerScore],
+             generated: Sequence[bool] | None = None) -> dict[str, float]:
+    """Accuracy per attribute and template set (``bios/acc/...``; given per-item ``generated`` hits,
+    also ``bios/generated_acc/...``), and knowledge bits on the "seen" items.
 
     Knowledge bits (Physics of LMs 3.3 capacity lower bound, attribute part, simplified):
       bits = sum over people p and independent attributes a of max(0, log2|D_a| - nats(p, a) / ln 2),
@@ -209,8 +211,8 @@ class Bios:
     recalled value contributes log2|D_a| bits; one no better than uniform guessing contributes 0.
     employer_city is excluded (0 bits: implied by employer). Divide by the parameter count for bits/param.
     """
-    out = {**accuracy(items, scores, lambda g: f"bios/acc/{g['attribute']}/{g['templates']}"),
-           **accuracy(items, scores, lambda g: f"bios/acc/{g['templates']}")}
+    out = accuracy("bios", items, scores, generated, lambda g: (f"/{g['attribute']}/{g['templates']}",
+                                                                f"/{g['templates']}"))
     bits = {a: 0.0 for a, b in self.domain_bits.items() if b > 0}
     for item, score in zip(items, scores, strict=True):
       g = dict(item.group)

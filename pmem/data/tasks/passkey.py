@@ -75,9 +75,9 @@ class Passkey:
           items.append(EvalItem(prompt(n, length, depth), f" {n}", (("length", length), ("depth", depth)), key=k))
     return items
 
-  def report(self, items: Sequence[EvalItem], scores: Sequence[AnswerScore]) -> dict[str, float]:
-    """Exact-match accuracy overall, per length, per depth and per (length, depth)."""
-    return {**accuracy(items, scores, lambda g: "passkey/acc"),
-            **accuracy(items, scores, lambda g: f"passkey/acc/length/{g['length']}"),
-            **accuracy(items, scores, lambda g: f"passkey/acc/depth/{g['depth']}"),
-            **accuracy(items, scores, lambda g: f"passkey/acc/length/{g['length']}/depth/{g['depth']}")}
+  def report(self, items: Sequence[EvalItem], scores: Sequence[AnswerScore],
+             generated: Sequence[bool] | None = None) -> dict[str, float]:
+    """Exact-match accuracy overall, per length, per depth and per (length, depth): teacher-forced
+    (``passkey/acc...``) and, given per-item ``generated`` hits, generated (``passkey/generated_acc...``)."""
+    return accuracy("passkey", items, scores, generated, lambda g: (
+        "", f"/length/{g['length']}", f"/depth/{g['depth']}", f"/length/{g['length']}/depth/{g['depth']}"))

@@ -1,0 +1,313 @@
+"""The decode-state protocol (pmem.core.mixer) and generation (pmem.decode): prefill + token-by-token
+decode == the full forward for every registered config with a memory module, scanned and unrolled,
+on one device and on a 2x2x2 mesh; packed documents reset state; Engram's decode hashes are the
+training ones; host-table decode == device-table decode; sampling; pmem.load and the generate CLI."""
+
+import functools
+import json
+import shutil
+import subprocess
+import sys
+
+import fiddle as fdl
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+
+import configs
+from pmem.core import mesh as mesh_lib, rules
+from pmem.core.mixer import TokenContext, batch_features
+from pmem.data.tokenizer import ByteTokenizer
+from pmem.decode import Generator, Sampling, to_host
+from pmem.models.decoder import Decoder
+from tests.conftest import ROOT, needs_devices, run_launcher
+from tests.tolerances import assert_close
+
+configs.load_all()
+MEMORY_CONFIGS = ["tiny", "stem_tiny", "engram_tiny", "move_tiny", "lave_tiny", "pkm_tiny", "memory_plus_tiny"]
+B, T, P, MAX_LEN = 4, 16, 7, 20  # rows, tokens, prompt, cache
+
+
+def model_of(name: str, scan: bool = True, window: int | None = None) -> Decoder:
+  """The config's model with every parameter perturbed (zero-initialised routers, gates and convs
+  would hide their decode paths)."""
+  cfg = configs.CONFIGS[name][0]()
+  cfg.model.scan_layers = scan
+  if window is not None:
+    cfg.model.sequence_mixer.window = window
+  model = Decoder(fdl.build(cfg.model), rngs=nnx.Rngs(0))
+  state = nnx.state(model, nnx.Param)
+  leaves, tree = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  nnx.update(model, jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
+  return model
+
+
+def stream(seed: int = 0, b: int = B, t: int = T):
+  ids = np.random.default_rng(seed).integers(0, 256, (b, t)).astype(np.int32)
+  return ids, np.tile(np.arange(t, dtype=np.int32), (b, 1)), np.ones((b, t), np.int32)
+
+
+def features(model, ids, pos, seg) -> dict[str, np.ndarray]:
+  fn = batch_features(model, ByteTokenizer())
+  return fn({"inputs": ids, "positions": pos, "segment_ids": seg}) if fn else {}
+
+
+def full_and_incremental(model, ids, pos, seg, mesh=None):
+  """(full-forward logits, logits of prefill [:P] then one token at a time) of the same stream."""
+  graphdef, state = nnx.split(model)
+  feats = features(model, ids, pos, seg)
+  put = jax.device_put
+  if mesh is not None:
+    state = jax.jit(lambda s: s, out_shardings=rules.param_shardings(mesh, state))(state)  # rows need not divide
+    put = lambda x: jax.device_put(x, jax.tree.map(  # noqa: E731
+        lambda a: NamedSharding(mesh, rules.logical_to_spec(("batch", "length") + (None,) * (a.ndim - 2))), x))
+
+  def run(state, ids, pos, seg, feats, cache=None):
+    m = nnx.merge(graphdef, state)
+    return m(ids, TokenContext(ids, pos, seg, feats), cache=cache)
+
+  cols = lambda a, b: put(tuple(x[:, a:b] for x in (ids, pos, seg)) + ({k: v[:, a:b] for k, v in feats.items()},))  # noqa: E731
+  with jax.set_mesh(mesh) if mesh is not None else _nothing():
+    full = jax.jit(run)(state, *cols(0, T))
+    step = jax.jit(run, donate_argnums=5)
+    cache = jax.jit(lambda s: nnx.merge(graphdef, s).init_cache(ids.shape[0], MAX_LEN))(state)
+    out, cache = step(state, *cols(0, P), cache)
+    outs = [out]
+    for t in range(P, T):
+      out, cache = step(state, *cols(t, t + 1), cache)
+      outs.append(out)
+  return np.asarray(full), np.asarray(jnp.concatenate(outs, 1)), cache
+
+
+class _nothing:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
+
+
+def assert_logits_close(inc, full, model):
+  # every upstream rounding difference (softmax over S + T vs T keys, the cache's order) reaches
+  # the logits through the head's d_model-term dot products
+  assert_close(inc, full, terms=model.cfg.d_model)
+
+
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
+@pytest.mark.parametrize("name", MEMORY_CONFIGS)
+def test_prefill_then_decode_equals_full_forward(name, scan):
+  model = model_of(name, scan)
+  full, inc, _ = full_and_incremental(model, *stream())
+  assert_logits_close(inc, full, model)
+
+
+@needs_devices(8)
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
+@pytest.mark.parametrize("name", MEMORY_CONFIGS)
+def test_prefill_then_decode_equals_full_forward_on_a_mesh(name, scan):
+  model = model_of(name, scan)
+  mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(data=2, fsdp=2, tensor=2))
+  full, inc, cache = full_and_incremental(model, *stream(), mesh=mesh)
+  assert_logits_close(inc, full, model)
+  k = next(x for path, x in jax.tree_util.tree_flatten_with_path(cache)[0] if path[-1] == jax.tree_util.DictKey("k"))
+  spec = (*k.sharding.spec, *[None] * (k.ndim - len(k.sharding.spec)))  # [(L,) B, S, K, H]
+  assert spec[-4:] == (("data", "fsdp"), None, "tensor", None), spec  # rows over data+fsdp, kv heads over tensor
+
+
+def test_sliding_window_cache_is_a_ring_of_window_slots():
+  model = model_of("tiny", window=5)  # the prompt (7) is longer than the ring (5)
+  full, inc, cache = full_and_incremental(model, *stream())
+  assert cache["stages"][0]["seq"]["k"].shape[2] == 5
+  assert_logits_close(inc, full, model)
+  wide, _, _ = full_and_incremental(model_of("tiny"), *stream())
+  assert np.abs(wide[:, 5:] - full[:, 5:]).max() > 1e-3  # the window changes what positions >= 5 see
+
+
+@pytest.mark.parametrize("name", ["tiny", "engram_tiny", "move_tiny"])
+def test_packed_documents_do_not_leak(name):
+  """A row packing documents a | b gives b the logits b has alone (attention's segments, Engram's
+  hashes and conv taps reset at the document start)."""
+  model = model_of(name)
+  ids, _, _ = stream(b=1)
+  pos = np.concatenate([np.arange(8), np.arange(T - 8)])[None].astype(np.int32)
+  seg = np.concatenate([np.ones(8), 2 * np.ones(T - 8)])[None].astype(np.int32)
+  run = lambda i, p, s: np.asarray(model(jnp.asarray(i), TokenContext(  # noqa: E731
+      jnp.asarray(i), jnp.asarray(p), jnp.asarray(s), features(model, i, p, s))))
+  packed, alone = run(ids, pos, seg), run(ids[:, 8:], pos[:, 8:], np.ones_like(seg[:, 8:]))
+  assert_close(packed[:, 8:], alone, terms=model.cfg.d_model)
+
+
+def test_engram_decode_hashes_are_the_training_hashes():
+  model = model_of("engram_tiny")
+  gen = Generator(model, ByteTokenizer(), max_len=MAX_LEN)
+  ids, pos, seg = stream()
+  train = features(model, ids, pos, seg)
+  assert train and gen.history == 2
+  steps = [gen.host_features(ids[:, :P], pos[:, :P], seg[:, :P], P)]
+  steps += [gen.host_features(ids[:, :t + 1], pos[:, :t + 1], seg[:, :t + 1], 1) for t in range(P, T)]
+  for k, v in train.items():
+    np.testing.assert_array_equal(np.concatenate([s[k] for s in steps], 1), v)  # the same function: bit for bit
+
+
+def generate(model, prompts, n=10, sampling=Sampling(), **kw):
+  return Generator(model, ByteTokenizer(), max_len=MAX_LEN, **kw).generate(prompts, n, sampling)
+
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [200, 3, 9, 40, 41]]
+
+
+@pytest.mark.parametrize("name", ["tiny", "engram_tiny", "move_tiny"])
+def test_greedy_generation_follows_the_full_forward(name):
+  """Each greedy token is the argmax of the full forward over the prompt and the tokens before it,
+  and a row generates the same alone as left-padded beside longer prompts."""
+  model = model_of(name)
+  out = generate(model, PROMPTS)
+  for r, p in enumerate(PROMPTS):
+    seq = np.asarray([p + out.tokens[r].tolist()], np.int32)
+    i, pos, seg = seq[:, :-1], np.arange(seq.shape[1] - 1, dtype=np.int32)[None], np.ones_like(seq[:, :-1])
+    logits = np.asarray(model(jnp.asarray(i), TokenContext(jnp.asarray(i), jnp.asarray(pos), jnp.asarray(seg),
+                                                           features(model, i, pos, seg))))[0, len(p) - 1:]
+    top2 = np.sort(logits, -1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 1e-4  # not a near tie
+    np.testing.assert_array_equal(logits.argmax(-1)[clear], out.tokens[r][clear])
+    alone = generate(model, [p])
+    np.testing.assert_array_equal(alone.tokens[0], out.tokens[r])
+    assert_close(alone.logprobs[0], out.logprobs[r], terms=model.cfg.d_model)
+  assert out.decode_steps == 9 and out.tokens_per_s > 0
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy():
+  model = model_of("tiny")
+  greedy = generate(model, PROMPTS)
+  again = generate(model, PROMPTS)
+  assert all((a == b).all() for a, b in zip(greedy.tokens, again.tokens))
+  top1 = generate(model, PROMPTS, sampling=Sampling(temperature=1.0, top_k=1, seed=4))
+  assert all((a == b).all() for a, b in zip(greedy.tokens, top1.tokens))
+  s = lambda seed, **kw: generate(model, PROMPTS, sampling=Sampling(temperature=1.0, seed=seed, **kw)).tokens  # noqa: E731
+  for kw in ({}, {"top_k": 20}, {"top_p": 0.9}):
+    a, b, c = s(1, **kw), s(1, **kw), s(2, **kw)
+    assert all((x == y).all() for x, y in zip(a, b))
+    assert any((x != z).any() for x, z in zip(a, c))
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+  from pmem.decode.sample import filtered
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+  kept = np.isfinite(np.asarray(filtered(logits, Sampling(temperature=1.0, top_p=0.8))))
+  np.testing.assert_array_equal(kept, [[True, True, False, False]])
+  # within the top 3, renormalised (0.53, 0.32, 0.16): 0.85 needs all three
+  kept = np.isfinite(np.asarray(filtered(logits, Sampling(temperature=1.0, top_k=3, top_p=0.85))))
+  np.testing.assert_array_equal(kept, [[True, True, True, False]])
+
+
+def test_eos_stops_a_row():
+  model = model_of("tiny")
+  first = generate(model, PROMPTS)
+  eos = int(first.tokens[0][2])
+  out = Generator(model, ByteTokenizer(), max_len=MAX_LEN).generate(PROMPTS, 10, eos_id=eos)
+  assert out.tokens[0].tolist() == first.tokens[0][:3].tolist()
+  for r in range(len(PROMPTS)):
+    hits = np.nonzero(first.tokens[r] == eos)[0]
+    assert len(out.tokens[r]) == (hits[0] + 1 if hits.size else 10)
+
+
+@pytest.mark.parametrize("name", ["stem_tiny", "engram_tiny", "lave_tiny"])
+def test_host_table_decode_equals_device_table_decode(name):
+  model = model_of(name)
+  device = generate(model, PROMPTS)
+  state, host = to_host(nnx.state(model))
+  assert host and all(v.shape[-2] > 1 for v in host.values())
+  out = generate(nnx.merge(nnx.graphdef(model), state), PROMPTS, host_tables=host)
+  for a, b in zip(out.tokens + out.logprobs, device.tokens + device.logprobs):
+    np.testing.assert_array_equal(a, b)  # the same rows read in the same order: bit for bit
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(prompts=[[]]), "prompt 0 has no tokens"),
+    (dict(prompts=[[1] * 16], n=5), "exceeds max_len=20"),
+    (dict(prompts=[[1, 300]]), r"outside \[0, vocab=256\)"),
+    (dict(prompts=[[1]], n=0), "max_new_tokens must be >= 1")])
+def test_bad_generation_input_is_refused(bad, match):
+  gen = Generator(model_of("tiny"), ByteTokenizer(), max_len=MAX_LEN)
+  with pytest.raises(ValueError, match=match):
+    gen.generate(bad["prompts"], bad.get("n", 4))
+  for kw, m in ((dict(temperature=-1.0), "temperature"), (dict(top_k=-1), "top_k"), (dict(top_p=0.0), "top_p")):
+    with pytest.raises(ValueError, match=m):
+      Sampling(**kw)
+
+
+# ------------------------------------------------------------------------------ trained workdirs
+
+
+@functools.cache
+def _trained(root: str, name: str, *extra: str) -> str:
+  workdir = f"{root}/{name}"
+  r = run_launcher("--config", f"config:{name}", "--config", "set:train.steps=2", "--config", "set:eval.valid_batches=0",
+                   *[a for e in extra for a in ("--config", e)], "--workdir", workdir)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def workdirs(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("decode"))
+  return lambda name, *extra: _trained(root, name, *extra)
+
+
+def test_load_gives_the_checkpointed_model(workdirs):
+  import pmem
+  from pmem.train.loop import Trainer
+  wd = workdirs("tiny")
+  loaded = pmem.load(wd)
+  assert loaded.step == 2 and loaded.tokenizer.vocab_size == 256 and not loaded.host_tables
+  trainer = Trainer(loaded.config, wd)
+  for a, b in zip(jax.tree.leaves(nnx.state(loaded.model, nnx.Param)), jax.tree.leaves(trainer.state["params"])):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_load_serves_host_tables(workdirs):
+  import pmem
+  wd = workdirs("stem_tiny", "set:train.optim.tables.update='row_sparse'", "set:train.optim.tables.device_budget_bytes=0")
+  loaded = pmem.load(wd)
+  assert loaded.host_tables and all(v.shape[-2] == 256 for v in loaded.host_tables.values())
+  out = loaded.generator(MAX_LEN).generate(PROMPTS, 6)
+  # the same tables put back into the model: device decode, bit for bit
+  state = nnx.state(loaded.model)
+  from pmem.core import variables
+  tables = variables.tables_of(state, lambda n, v: n in loaded.host_tables)
+  state = nnx.merge_state(state, variables.with_values(tables, {n: jnp.asarray(a) for n, a in loaded.host_tables.items()}))
+  device = generate(nnx.merge(nnx.graphdef(loaded.model), state), PROMPTS, n=6)
+  for a, b in zip(out.tokens, device.tokens):
+    np.testing.assert_array_equal(a, b)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "experiments.generate", *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300)
+
+
+def test_generate_cli(workdirs, tmp_path):
+  import pmem
+  wd = workdirs("tiny")
+  r = _cli("--workdir", wd, "--prompt", "To be, or not", "--max-new-tokens", "6", "--json")
+  assert r.returncode == 0, r.stderr[-2000:]
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  assert set(out) == {"text", "token_ids", "logprobs", "tokens_per_s"} and out["tokens_per_s"] > 0
+  loaded = pmem.load(wd)
+  gen = loaded.generator()
+  ref = gen.generate([list(loaded.tokenizer.encode_batch(["To be, or not"])[0])], 6)
+  assert out["token_ids"] == ref.tokens[0].tolist() and out["text"] == gen.text(ref.tokens[0])
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  shutil.copy(f"{wd}/config.json", empty / "config.json")
+  for args, msg in (((f"--workdir={empty}", "--prompt=x"), "has no checkpoint"),
+                    ((f"--workdir={wd}", "--prompt="), "the prompt has no tokens"),
+                    ((f"--workdir={wd}", "--prompt=" + "x" * 70), "exceeds max_len=64"),
+                    ((f"--workdir={wd}", "--prompt=x", "--top-p=1.5"), "top_p must lie in"),
+                    ((f"--workdir={wd}", "--prompt=x", "--temperature=-2"), "temperature must be >= 0")):
+    r = _cli(*args)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: ") and msg in r.stderr, r.stderr
