@@ -10,7 +10,8 @@ The cache holds ``max_len`` tokens per row (``P + max_new_tokens <= max_len``, c
 anything runs); a model with a sliding window keeps a ring of ``window`` slots instead.
 
 **One step per token.** The decode step has fixed shapes (``[B, 1]``) and is compiled once per
-``(B, P, max_len)`` before the loop; the cache is donated. Each step returns the sampled token,
+``(B, P, max_len)`` before the loop; the cache is donated (on accelerators only: on XLA:CPU that
+was 3x slower per step). Each step returns the sampled token,
 which the host reads: the host computes the next token's host features (Engram's hashes, from the
 last ``host_history`` tokens: the training-time function, so the ids are the training ones bit for
 bit) and, for **host-resident tables**, stages the rows of that token for every layer at once
@@ -123,7 +124,10 @@ class Generator:
         fn = jax.jit(lambda: nnx.merge(self.graphdef, self.state).init_cache(*args))
         self._compiled[key] = fn.lower().compile()
       else:
-        fn = jax.jit(functools.partial(self._step, sampling), donate_argnums=(6,))
+        # the cache is donated on accelerators; on XLA:CPU donation made the demo's step 3x slower
+        # (9.6 vs 3.1 ms, docs/results.md), and a new cache per step costs less there
+        donate = (6,) if jax.default_backend() != "cpu" else ()
+        fn = jax.jit(functools.partial(self._step, sampling), donate_argnums=donate)
         self._compiled[key] = fn.lower(self.state, *args).compile()
     return self._compiled[key]
 

@@ -5,8 +5,9 @@ The cache (:meth:`Attention.init_state`) holds the roped keys and the values of 
 per row, ``S = max_len`` (or ``window``: a ring buffer), with each slot's position and segment id
 (segment 0: empty or padding): ``{k, v: [B, S, K, H], pos, seg: int32 [B, S], end: int32 []}``
 (``end``: tokens written so far, the same for every row; slot of token ``i`` is ``i % S``). A call
-on ``T`` new tokens attends over the ``S`` cached slots and the ``T`` new ones, masked by segment,
-position (causal) and window, then writes the new tokens' last ``min(T, S)`` into the ring.
+on ``T`` new tokens writes them into their slots and attends over the cache, masked by segment,
+position (causal) and window; in a ring a chunk of ``T > 1`` could overwrite slots its earlier
+tokens see, so it attends over the old slots and the chunk, then writes its last ``min(T, S)``.
 Without ``window`` the caller keeps ``end + T <= max_len`` (the generator checks it)."""
 
 from __future__ import annotations
@@ -89,7 +90,11 @@ class Attention(nnx.Module):
     if state is None:
       mask = segment_causal_mask(ctx.segment_ids, ctx.positions, self.window)
       o = jax.nn.dot_product_attention(q, k, v, mask=mask)
-    else:
+    elif t == 1 or self.window is None:  # the new tokens overwrite no slot they could see: write, then read
+      state = self._write(state, k, v, ctx)
+      mask = cache_mask(ctx.positions, ctx.segment_ids, state["pos"], state["seg"], self.window)
+      o = jax.nn.dot_product_attention(q, state["k"].astype(dt), state["v"].astype(dt), mask=mask)
+    else:  # a chunk longer than one token into a ring: attend over the old slots and the chunk
       c = state
       keys = jnp.concatenate([c["k"], k.astype(c["k"].dtype)], 1).astype(dt)
       vals = jnp.concatenate([c["v"], v.astype(c["v"].dtype)], 1).astype(dt)
