@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from hf_llama import build
+from hf_llama import load
 
 
 class Stamps(StoppingCriteria):
@@ -39,12 +39,7 @@ def bench(inp: str) -> None:
   data = np.load(inp)
   torch.set_num_threads(int(data["threads"]))
   cfg = json.loads(str(data["config"])) | {"eos_token_id": None, "bos_token_id": None, "pad_token_id": None}
-  model = build(cfg, "sdpa").eval()
-  sd = {k[2:]: torch.from_numpy(data[k]) for k in data.files if k.startswith("w:")}
-  missing, unexpected = model.load_state_dict(sd, strict=False)
-  missing = [m for m in missing if not m.endswith("rotary_emb.inv_freq")]
-  if missing or unexpected:
-    raise SystemExit(f"weight mismatch: missing {missing}, unexpected {unexpected}")
+  model = load(data, cfg, "sdpa")
   prompts = {int(k.split("_")[1]): torch.from_numpy(data[k]).long() for k in data.files if k.startswith("prompts_")}
   print("ready", flush=True)
   for line in sys.stdin:

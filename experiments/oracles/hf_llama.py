@@ -25,15 +25,20 @@ def build(cfg: dict, attn: str) -> LlamaForCausalLM:
   return LlamaForCausalLM(config)
 
 
-def logits(inp: str, out: str) -> None:
-  data = np.load(inp)
-  cfg = json.loads(str(data["config"]))
-  model = build(cfg, "eager").eval()
+def load(data, cfg: dict, attn: str) -> LlamaForCausalLM:
+  """The model of ``cfg`` with the ``w:``-prefixed weights of an .npz, every weight matched."""
+  model = build(cfg, attn).eval()
   sd = {k[2:]: torch.from_numpy(data[k]) for k in data.files if k.startswith("w:")}
   missing, unexpected = model.load_state_dict(sd, strict=False)
   missing = [m for m in missing if not m.endswith("rotary_emb.inv_freq")]
   if missing or unexpected:
     raise SystemExit(f"weight mismatch: missing {missing}, unexpected {unexpected}")
+  return model
+
+
+def logits(inp: str, out: str) -> None:
+  data = np.load(inp)
+  model = load(data, json.loads(str(data["config"])), "eager")
   with torch.no_grad():
     y = model(torch.from_numpy(data["input_ids"]).long()).logits
   np.savez(out, logits=y.float().numpy())
