@@ -1,15 +1,27 @@
-"""Test setup: 8 fake CPU devices for the whole session (set before JAX starts)."""
+"""Test setup, before JAX starts: 8 fake CPU devices for the whole session, and one JAX
+compilation cache for the session (a fresh directory, shared by the xdist workers and the
+processes tests launch, removed at the end): tests compile the same steps many times, mostly in
+launched training processes (test_faults and test_checkpoint: 276 s without it, 119 s with it).
+A test whose claim needs its processes to compile for themselves turns it off (``NO_CACHE``)."""
 
 import json
 import math
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
   os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
+# set by the first process of the session (pytest, or the xdist controller); its workers inherit it
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="pmem-test-jax-cache-")
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+NO_CACHE = {"JAX_ENABLE_COMPILATION_CACHE": "false"}
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -55,3 +67,8 @@ def read_losses(workdir) -> list[float]:
   """Per-step losses from a run's metrics.jsonl."""
   rows = map(json.loads, (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines())
   return [r["loss"] for r in rows if "loss" in r]
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE and not hasattr(config, "workerinput"):
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

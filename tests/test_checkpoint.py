@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import cli
-from tests.conftest import LOSS_TOL, ROOT, needs_devices, read_losses, run_launcher
+from tests.conftest import LOSS_TOL, NO_CACHE, ROOT, needs_devices, read_losses, run_launcher
 from pmem.train.checkpoint import CheckpointError
 from pmem.train.loop import Trainer
 
@@ -35,7 +35,8 @@ def test_sigkill_and_resume_is_bitwise(tmp_path, mesh):
   args = ["-m", "experiments.train", "--config", "config:tiny", "--config", f"set:train.steps={STEPS}",
           "--config", "set:checkpoint.every=4", "--config", "set:eval.valid_batches=0"]
   args += [f"--config=set:mesh.{a}={n}" for a, n in zip(("data", "fsdp", "tensor"), mesh)]
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  # each process compiles its own steps (no cached executables): as a resumed run would
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", **NO_CACHE}
   whole, killed = tmp_path / "whole", tmp_path / "killed"
   r = subprocess.run([sys.executable, *args, "--workdir", str(whole)], cwd=ROOT, env=env, capture_output=True, text=True)
   assert r.returncode == 0, r.stderr[-3000:]

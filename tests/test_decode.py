@@ -21,8 +21,10 @@ import configs
 from pmem.core import mesh as mesh_lib, rules
 from pmem.core.mixer import TokenContext, batch_features
 from pmem.data.tokenizer import ByteTokenizer
+from pmem.core.variables import name_of
 from pmem.decode import Generator, Sampling, to_host
-from pmem.models.decoder import Decoder
+from pmem.decode import generate as generate_lib
+from pmem.models.decoder import Decoder, unroll
 from tests.conftest import ROOT, needs_devices, run_launcher
 from tests.tolerances import assert_close
 
@@ -165,7 +167,8 @@ def test_greedy_generation_follows_the_full_forward(name):
   """Each greedy token is the argmax of the full forward over the prompt and the tokens before it,
   and a row generates the same alone as left-padded beside longer prompts."""
   model = model_of(name)
-  out = generate(model, PROMPTS)
+  gen = Generator(model, ByteTokenizer(), max_len=MAX_LEN)
+  out = gen.generate(PROMPTS, 10)
   for r, p in enumerate(PROMPTS):
     seq = np.asarray([p + out.tokens[r].tolist()], np.int32)
     i, pos, seg = seq[:, :-1], np.arange(seq.shape[1] - 1, dtype=np.int32)[None], np.ones_like(seq[:, :-1])
@@ -174,20 +177,20 @@ def test_greedy_generation_follows_the_full_forward(name):
     top2 = np.sort(logits, -1)[:, -2:]
     clear = top2[:, 1] - top2[:, 0] > 1e-4  # not a near tie
     np.testing.assert_array_equal(logits.argmax(-1)[clear], out.tokens[r][clear])
-    alone = generate(model, [p])
+    alone = gen.generate([p], 10)
     np.testing.assert_array_equal(alone.tokens[0], out.tokens[r])
     assert_close(alone.logprobs[0], out.logprobs[r], terms=model.cfg.d_model)
   assert out.decode_steps == 9 and out.tokens_per_s > 0
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy():
-  model = model_of("tiny")
-  greedy = generate(model, PROMPTS)
-  again = generate(model, PROMPTS)
+  gen = Generator(model_of("tiny"), ByteTokenizer(), max_len=MAX_LEN)
+  greedy = gen.generate(PROMPTS, 10)
+  again = Generator(model_of("tiny"), ByteTokenizer(), max_len=MAX_LEN).generate(PROMPTS, 10)
   assert all((a == b).all() for a, b in zip(greedy.tokens, again.tokens))
-  top1 = generate(model, PROMPTS, sampling=Sampling(temperature=1.0, top_k=1, seed=4))
+  top1 = gen.generate(PROMPTS, 10, Sampling(temperature=1.0, top_k=1, seed=4))
   assert all((a == b).all() for a, b in zip(greedy.tokens, top1.tokens))
-  s = lambda seed, **kw: generate(model, PROMPTS, sampling=Sampling(temperature=1.0, seed=seed, **kw)).tokens  # noqa: E731
+  s = lambda seed, **kw: gen.generate(PROMPTS, 10, Sampling(temperature=1.0, seed=seed, **kw)).tokens  # noqa: E731
   for kw in ({}, {"top_k": 20}, {"top_p": 0.9}):
     a, b, c = s(1, **kw), s(1, **kw), s(2, **kw)
     assert all((x == y).all() for x, y in zip(a, b))
@@ -218,12 +221,44 @@ def test_eos_stops_a_row():
 @pytest.mark.parametrize("name", ["stem_tiny", "engram_tiny", "lave_tiny"])
 def test_host_table_decode_equals_device_table_decode(name):
   model = model_of(name)
-  device = generate(model, PROMPTS)
+  device = generate(model, PROMPTS, device_loop=False)  # host tables decode one device call per token
   state, host = to_host(nnx.state(model))
   assert host and all(v.shape[-2] > 1 for v in host.values())
   out = generate(nnx.merge(nnx.graphdef(model), state), PROMPTS, host_tables=host)
   for a, b in zip(out.tokens + out.logprobs, device.tokens + device.logprobs):
     np.testing.assert_array_equal(a, b)  # the same rows read in the same order: bit for bit
+
+
+def test_device_loop_equals_one_call_per_token(monkeypatch):
+  """The on-device loop (chunks of DEVICE_STEPS tokens, here 3: chunk ends, a partial last chunk,
+  a stop inside a chunk) gives the per-token loop's tokens, with and without EOS and sampling."""
+  monkeypatch.setattr(generate_lib, "DEVICE_STEPS", 3)
+  model = model_of("stem_tiny")
+  on, off = (Generator(model, ByteTokenizer(), max_len=MAX_LEN, device_loop=d) for d in (True, False))
+  first = off.generate(PROMPTS, 10)
+  for kw in ({}, {"eos_id": int(first.tokens[1][4])}, {"sampling": Sampling(temperature=1.0, top_k=20, seed=3)}):
+    a, b = on.generate(PROMPTS, 10, **kw), off.generate(PROMPTS, 10, **kw)
+    for x, y in zip(a.tokens, b.tokens):
+      np.testing.assert_array_equal(x, y)
+    for x, y in zip(a.logprobs, b.logprobs):
+      assert_close(x, y, terms=model.cfg.d_model)
+  assert a.decode_steps == 9
+  with pytest.raises(ValueError, match="device_loop=True needs a model without host features"):
+    Generator(model_of("engram_tiny"), ByteTokenizer(), max_len=MAX_LEN, device_loop=True)
+
+
+def test_unroll_keeps_every_value():
+  """The decoding copy of a scanned model: each stacked layer's slice, the same logits."""
+  model = model_of("stem_tiny")
+  flat, (unrolled, sources) = dict(nnx.to_flat_state(nnx.state(model))), unroll(model)
+  assert not any(s.scan for s in unrolled.stages) and any(j is not None for _, j in sources.values())
+  by_name = {name_of(p): v.get_value() for p, v in flat.items()}
+  for p, v in nnx.to_flat_state(nnx.state(unrolled)):
+    src, j = sources[name_of(p)]
+    np.testing.assert_array_equal(v.get_value(), by_name[src] if j is None else by_name[src][j])
+  ids, pos, seg = stream()
+  ctx = TokenContext(jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(seg), {})
+  assert_close(np.asarray(unrolled(ctx.ids, ctx)), np.asarray(model(ctx.ids, ctx)), terms=model.cfg.d_model)
 
 
 @pytest.mark.parametrize("bad, match", [

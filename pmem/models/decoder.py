@@ -23,6 +23,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from pmem.core import accounting, mixer
+from pmem.core.variables import name_of
 from pmem.core.registry import CHANNEL_MIXERS, SEQUENCE_MIXERS, unknown
 from pmem.core.rules import constrain
 from pmem.layers.embed import Embed, check_ids
@@ -312,3 +313,30 @@ class Decoder(nnx.Module):
     if self.cfg.tie_embeddings:  # the table is already counted as stored params
       head = dataclasses.replace(head, params=0)
     return c + head
+
+
+def unroll(model: Decoder) -> tuple[Decoder, dict[str, tuple[str, int | None]]]:
+  """``(model', sources)``: ``model`` with every scanned stage's stacked layers as separate blocks
+  holding the same values (each layer's slice copied once), and for every variable of ``model'``
+  its ``(name in model, layer index into its stacked value or None)``. The generator decodes with
+  ``model'``: a decode step through a layer scan slices every layer's weights and cache per token
+  (the demo's batch-8 decode 2x slower on XLA:CPU, docs/results.md). ``model`` if nothing is scanned."""
+  scanned = {i for i, s in enumerate(model.stages) if s.scan}
+  flat = dict(nnx.to_flat_state(nnx.state(model)))
+
+  def source(p: tuple) -> tuple[tuple, int | None]:
+    if p[0] == "stages" and p[1] in scanned and p[2] == "blocks":
+      return (*p[:3], *p[4:]), p[3]
+    return p, None
+
+  if not scanned:
+    return model, {name_of(p): (name_of(p), None) for p in flat}
+  cfg = dataclasses.replace(model.cfg, scan_layers=False)
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
+  leaves, sources = [], {}
+  for p, v in nnx.to_flat_state(abstract):
+    src, j = source(p)
+    a = flat[src].get_value()
+    leaves.append((p, v.replace(a if j is None else a[j])))
+    sources[name_of(p)] = (name_of(src), j)
+  return nnx.merge(graphdef, nnx.from_flat_state(leaves)), sources
