@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 import configs
+from configs import cli
 from pmem.core import mesh as mesh_lib, rules
 from pmem.core.mixer import TokenContext, batch_features
 from pmem.data.tokenizer import ByteTokenizer
@@ -30,13 +31,17 @@ from tests.tolerances import assert_close
 
 configs.load_all()
 MEMORY_CONFIGS = ["tiny", "stem_tiny", "engram_tiny", "move_tiny", "lave_tiny", "pkm_tiny", "memory_plus_tiny"]
+SEQUENCE_CONFIGS = ["linear_attn_tiny", "gla_tiny", "mamba2_tiny", "deltanet_tiny", "gdn_tiny", "swa_tiny", "hybrid_tiny",
+                    "hybrid_periodic"]
+# a stack scanned over 2 repetitions of a 3-layer period (decoder.stages): Mamba2, sliding window, attention
+VARIANTS = {"hybrid_periodic": ["config:tiny", "set:model.n_layers=6", "fiddler:hybrid(pattern='GWA', G='mamba2', window=5)"]}
 B, T, P, MAX_LEN = 4, 16, 7, 20  # rows, tokens, prompt, cache
 
 
 def model_of(name: str, scan: bool = True, window: int | None = None) -> Decoder:
   """The config's model with every parameter perturbed (zero-initialised routers, gates and convs
   would hide their decode paths)."""
-  cfg = configs.CONFIGS[name][0]()
+  cfg = cli.build_config(VARIANTS.get(name, [f"config:{name}"]))
   cfg.model.scan_layers = scan
   if window is not None:
     cfg.model.sequence_mixer.window = window
@@ -100,7 +105,7 @@ def assert_logits_close(inc, full, model):
 
 
 @pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
-@pytest.mark.parametrize("name", MEMORY_CONFIGS)
+@pytest.mark.parametrize("name", MEMORY_CONFIGS + SEQUENCE_CONFIGS)
 def test_prefill_then_decode_equals_full_forward(name, scan):
   model = model_of(name, scan)
   full, inc, _ = full_and_incremental(model, *stream())
@@ -109,15 +114,18 @@ def test_prefill_then_decode_equals_full_forward(name, scan):
 
 @needs_devices(8)
 @pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
-@pytest.mark.parametrize("name", MEMORY_CONFIGS)
+@pytest.mark.parametrize("name", MEMORY_CONFIGS + SEQUENCE_CONFIGS)
 def test_prefill_then_decode_equals_full_forward_on_a_mesh(name, scan):
   model = model_of(name, scan)
   mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(data=2, fsdp=2, tensor=2))
   full, inc, cache = full_and_incremental(model, *stream(), mesh=mesh)
   assert_logits_close(inc, full, model)
-  k = next(x for path, x in jax.tree_util.tree_flatten_with_path(cache)[0] if path[-1] == jax.tree_util.DictKey("k"))
-  spec = (*k.sharding.spec, *[None] * (k.ndim - len(k.sharding.spec)))  # [(L,) B, S, K, H]
-  assert spec[-4:] == (("data", "fsdp"), None, "tensor", None), spec  # rows over data+fsdp, kv heads over tensor
+  # rows over data+fsdp, heads over tensor: a KV cache [(L,) B, S, K, H], a recurrent state [(L,) B, H, K, V]
+  want = {"k": (("data", "fsdp"), None, "tensor", None), "S": (("data", "fsdp"), "tensor", None, None)}
+  for path, x in jax.tree_util.tree_flatten_with_path(cache)[0]:
+    if path[-1] in {jax.tree_util.DictKey(n) for n in want} and jax.tree_util.DictKey("conv") not in path:
+      spec = (*x.sharding.spec, *[None] * (x.ndim - len(x.sharding.spec)))
+      assert spec[-4:] == want[path[-1].key], (path, spec)
 
 
 def test_sliding_window_cache_is_a_ring_of_window_slots():
@@ -247,9 +255,10 @@ def test_device_loop_equals_one_call_per_token(monkeypatch):
     Generator(model_of("engram_tiny"), ByteTokenizer(), max_len=MAX_LEN, device_loop=True)
 
 
-def test_unroll_keeps_every_value():
+@pytest.mark.parametrize("name", ["stem_tiny", "hybrid_periodic"])
+def test_unroll_keeps_every_value(name):
   """The decoding copy of a scanned model: each stacked layer's slice, the same logits."""
-  model = model_of("stem_tiny")
+  model = model_of(name)
   flat, (unrolled, sources) = dict(nnx.to_flat_state(nnx.state(model))), unroll(model)
   assert not any(s.scan for s in unrolled.stages) and any(j is not None for _, j in sources.values())
   by_name = {name_of(p): v.get_value() for p, v in flat.items()}

@@ -354,7 +354,8 @@ def test_tiny_config_trains(name):
   flat = nnx.to_flat_state(t.state["params"])
   assert any(isinstance(v, MemoryTable) for _, v in flat)  # routed to the table optimizer by type
   gates = [v for path, v in flat if "seq" in path and path[-1] in ("w_router", "w_gate")]
-  assert len(gates) == {"stem_tiny": 0, "move_tiny": 1, "lave_tiny": 2}[name]  # MoVE: one stacked stage
+  # MoVE: one stacked stage; LaVE on alternate layers: one stage scanning 2 periods of (plain, LaVE)
+  assert len(gates) == {"stem_tiny": 0, "move_tiny": 1, "lave_tiny": 1}[name]
   assert not any(np.any(np.asarray(v.get_value())) for v in gates)  # zero-init: every gate starts at 1
   summary = t.run()
   assert np.isfinite(summary["final_loss"])

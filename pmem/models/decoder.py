@@ -5,14 +5,16 @@ x += channel(norm(x))`` where the sequence mixer, the channel mixer and any extr
 branches (``pre`` before the sequence mixer, e.g. Engram; ``augment`` after it) are factories
 (Fiddle partials or registry names), each built with the model facts it takes
 (:func:`pmem.core.mixer.build`). A memory module replaces or augments the FFN of chosen layers through
-:class:`LayerOverride`; this file never changes when a new module is added. Runs of identical
-consecutive layers are stacked and scanned.
+:class:`LayerOverride`; this file never changes when a new module is added. With ``scan_layers``, repeated runs of layers
+are stacked and scanned: runs of identical layers, and runs of a repeated period of layers (a hybrid
+pattern such as ``GGGA`` over 8 layers scans 2 periods of 4 blocks, :func:`stages`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -115,15 +117,24 @@ def _per_layer(spec) -> bool:
                                                                 CHANNEL_MIXERS)) for f in fs)
 
 
-def stages(specs) -> list[tuple[int, int]]:
-  """Maximal runs [start, stop) of identical consecutive layer specs whose factories do not take
-  their layer index."""
-  out, start = [], 0
-  for i in range(1, len(specs) + 1):
-    if (i == len(specs) or _per_layer(specs[start])
-        or not all(_same(x, y) for x, y in zip(specs[i], specs[start]))):
-      out.append((start, i))
-      start = i
+def stages(specs, periodic: bool = True) -> list[tuple[int, int, int]]:
+  """``(start, period, reps)`` per stage, covering the layers in order: from each start the
+  ``period`` (1 if not ``periodic``) whose ``reps`` repetitions of identical layer specs cover the
+  most layers (the shortest such period on a tie). A factory taking its layer index is never
+  stacked (its layer is a stage of its own)."""
+  out, start, n = [], 0, len(specs)
+  same = lambda i, j: not (_per_layer(specs[i]) or _per_layer(specs[j])) and all(  # noqa: E731
+      _same(x, y) for x, y in zip(specs[i], specs[j]))
+  while start < n:
+    best = (1, 1)
+    for p in range(1, (n - start) // 2 + 1 if periodic else 2):
+      r = 1
+      while start + (r + 1) * p <= n and all(same(start + j, start + r * p + j) for j in range(p)):
+        r += 1
+      if (r > 1 or p == 1) and p * r > best[0] * best[1]:
+        best = (p, r)
+    out.append((start, *best))
+    start += best[0] * best[1]
   return out
 
 
@@ -190,27 +201,55 @@ class Block(nnx.Module):
     return sum((p.cost(seq_len) for p in parts), accounting.Cost())
 
 
-class Stage(nnx.Module):
-  """``n`` identical blocks; stacked (leading layer axis) and scanned when ``scan`` is set."""
+class Period(nnx.Module):
+  """Consecutive different blocks that repeat over the stack (a hybrid pattern's period); one
+  unit of a scanned :class:`Stage`."""
 
-  def __init__(self, cfg: DecoderConfig, spec, start: int, n: int, *, rngs: nnx.Rngs):
-    self.n, self.scan = n, cfg.scan_layers and n > 1
+  def __init__(self, cfg: DecoderConfig, specs, start: int, *, rngs: nnx.Rngs):
+    self.blocks = nnx.List([Block(cfg, s, start + j, rngs=rngs) for j, s in enumerate(specs)])
+
+  def init_state(self, batch: int, max_len: int, dtype: str) -> list:
+    return [b.init_state(batch, max_len, dtype) for b in self.blocks]
+
+  def cost(self, seq_len: int) -> accounting.Cost:
+    return sum((b.cost(seq_len) for b in self.blocks), accounting.Cost())
+
+
+class Stage(nnx.Module):
+  """``n`` repetitions of a unit: a :class:`Block`, or a :class:`Period` of ``period`` blocks
+  (scanned stages only); stacked (leading axis) and scanned when ``scan`` is set, else a list."""
+
+  def __init__(self, cfg: DecoderConfig, specs, start: int, n: int, *, rngs: nnx.Rngs):
+    self.start, self.period, self.n = start, len(specs), n
+    self.scan = cfg.scan_layers and n > 1
+    if self.period > 1 and not self.scan:
+      raise ValueError("a period of layers is a unit of a scanned stage only")
     if cfg.remat not in REMAT_POLICIES:
       raise unknown("remat policy", cfg.remat, REMAT_POLICIES)
     self.policy = REMAT_POLICIES[cfg.remat]
     self.remat = cfg.remat != "none"
     if self.scan:
-      # stacked specs take no layer index (stages()), so ``start`` serves every layer
-      make = nnx.vmap(lambda r: Block(cfg, spec, start, rngs=r), in_axes=0, out_axes=0)
-      self.blocks = make(rngs.split(n))
+      # stacked specs take no layer index (stages()), so ``start`` serves every repetition
+      unit = (lambda r: Block(cfg, specs[0], start, rngs=r)) if self.period == 1 else (
+          lambda r: Period(cfg, specs, start, rngs=r))
+      self.blocks = nnx.vmap(unit, in_axes=0, out_axes=0)(rngs.split(n))
     else:
-      self.blocks = nnx.List([Block(cfg, spec, start + i, rngs=rngs) for i in range(n)])
+      self.blocks = nnx.List([Block(cfg, specs[0], start + i, rngs=rngs) for i in range(n)])
+
+  def layers(self) -> list[tuple[tuple, int | None]]:
+    """Per layer of the stage, in order: (path of its block's variables below the stage, index
+    into their stacked leading axis or None)."""
+    if not self.scan:
+      return [(("blocks", i), None) for i in range(self.n)]
+    if self.period == 1:
+      return [(("blocks",), i) for i in range(self.n)]
+    return [(("blocks", "blocks", j), r) for r in range(self.n) for j in range(self.period)]
 
   def init_state(self, batch: int, max_len: int, dtype: str):
-    """The blocks' caches: one pytree stacked along the layer axis (scanned) or a list."""
+    """The blocks' caches: one pytree stacked along the leading axis (scanned) or a list."""
     if not self.scan:
       return [b.init_state(batch, max_len, dtype) for b in self.blocks]
-    one = self.blocks.init_state(batch, max_len, dtype)  # sizes are static: the same for every layer
+    one = self.blocks.init_state(batch, max_len, dtype)  # sizes are static: the same for every repetition
     return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.n, *a.shape)), one)
 
   def __call__(self, x: Float[Array, "B T D"], ctx: TokenContext, cache=None):
@@ -219,13 +258,24 @@ class Stage(nnx.Module):
       return block(h, ctx) if c is None else block(h, ctx, c)
     if self.remat:
       apply = jax.checkpoint(apply, policy=self.policy)
+
+    def run(unit, h, c):  # one repetition (a block, or each block of a period in turn)
+      if not isinstance(unit, Period):
+        return apply(unit, h, c)
+      out = []
+      for j, block in enumerate(unit.blocks):
+        r = apply(block, h, None if c is None else c[j])
+        h = r if c is None else r[0]
+        out.append(None if c is None else r[1])
+      return h if c is None else (h, out)
+
     if not self.scan:
       out = []
       for i, block in enumerate(self.blocks):
         if cache is None:
-          x = apply(block, x, None)
+          x = run(block, x, None)
         else:
-          x, c = apply(block, x, cache[i])
+          x, c = run(block, x, cache[i])
           out.append(c)
       return x if cache is None else (x, out)
     graphdef, state = nnx.split(self.blocks)
@@ -233,18 +283,18 @@ class Stage(nnx.Module):
     if diagnostics.active():  # unrolled, so values the layers record need not leave a scan
       out = []
       for i in range(self.n):
-        r = apply(nnx.merge(graphdef, layer(i, state)), x, None if cache is None else layer(i, cache))
+        r = run(nnx.merge(graphdef, layer(i, state)), x, None if cache is None else layer(i, cache))
         x = r if cache is None else r[0]
         out.append(None if cache is None else r[1])
       return x if cache is None else (x, jax.tree.map(lambda *a: jnp.stack(a), *out))
     if cache is None:
-      x, _ = jax.lax.scan(lambda h, s: (apply(nnx.merge(graphdef, s), h, None), None), x, state)
+      x, _ = jax.lax.scan(lambda h, s: (run(nnx.merge(graphdef, s), h, None), None), x, state)
       return x
-    return jax.lax.scan(lambda h, sc: apply(nnx.merge(graphdef, sc[0]), h, sc[1]), x, (state, cache))
+    return jax.lax.scan(lambda h, sc: run(nnx.merge(graphdef, sc[0]), h, sc[1]), x, (state, cache))
 
   def cost(self, seq_len: int) -> accounting.Cost:
-    block = self.blocks if self.scan else self.blocks[0]  # costs depend on static sizes only
-    return block.cost(seq_len) * self.n
+    unit = self.blocks if self.scan else self.blocks[0]  # costs depend on static sizes only
+    return unit.cost(seq_len) * self.n
 
 
 class Decoder(nnx.Module):
@@ -253,7 +303,8 @@ class Decoder(nnx.Module):
     self.cfg = cfg
     self.embed = Embed(cfg.vocab, cfg.d_model, rngs=rngs)
     specs = layer_specs(cfg)
-    self.stages = nnx.List([Stage(cfg, specs[a], a, b - a, rngs=rngs) for a, b in stages(specs)])
+    self.stages = nnx.List([Stage(cfg, specs[a:a + p], a, n, rngs=rngs)
+                            for a, p, n in stages(specs, periodic=cfg.scan_layers)])
     self.shared = nnx.Dict({name: mixer.build(f, facts(cfg), rngs=rngs, what=f"model.shared[{name!r}]")
                             for name, f in cfg.shared})
     self.norm_out = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -267,6 +318,12 @@ class Decoder(nnx.Module):
     dt = self.cfg.dtype
     return {"stages": [s.init_state(batch, max_len, dt) for s in self.stages],
             "shared": {n: m.init_state(batch, max_len, dt) for n, m in self.shared.items() if mixer.stateful(m)}}
+
+  def state_bytes(self, max_len: int) -> int:
+    """Decode-state bytes of one sequence of up to ``max_len`` tokens (its row of :meth:`init_cache`:
+    a KV cache grows with ``max_len``, a recurrent state does not)."""
+    shapes = jax.eval_shape(lambda: self.init_cache(1, max_len))
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(shapes))
 
   def __call__(self, ids: Int[Array, "B T"], ctx: TokenContext, cache: dict | None = None):
     """Float32 logits ``[B, T, V]``; with a ``cache`` (:meth:`init_cache`), ``(logits, new_cache)``
@@ -321,18 +378,20 @@ def unroll(model: Decoder) -> tuple[Decoder, dict[str, tuple[str, int | None]]]:
   its ``(name in model, layer index into its stacked value or None)``. The generator decodes with
   ``model'``: a decode step through a layer scan slices every layer's weights and cache per token
   (the demo's batch-8 decode 2x slower on XLA:CPU, docs/results.md). ``model`` if nothing is scanned."""
-  scanned = {i for i, s in enumerate(model.stages) if s.scan}
+  if not any(s.scan for s in model.stages):
+    return model, {name_of(p): (name_of(p), None) for p, _ in nnx.to_flat_state(nnx.state(model))}
   flat = dict(nnx.to_flat_state(nnx.state(model)))
+  where = [(("stages", i, *sub), j) for i, s in enumerate(model.stages) for sub, j in s.layers()]  # by layer
+  cfg = dataclasses.replace(model.cfg, scan_layers=False)
+  out = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+  graphdef, abstract = nnx.split(out)
 
   def source(p: tuple) -> tuple[tuple, int | None]:
-    if p[0] == "stages" and p[1] in scanned and p[2] == "blocks":
-      return (*p[:3], *p[4:]), p[3]
-    return p, None
+    if p[0] != "stages":
+      return p, None
+    prefix, j = where[out.stages[p[1]].start + p[3]]  # unrolled paths: ("stages", i, "blocks", k, ...)
+    return (*prefix, *p[4:]), j
 
-  if not scanned:
-    return model, {name_of(p): (name_of(p), None) for p in flat}
-  cfg = dataclasses.replace(model.cfg, scan_layers=False)
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
   leaves, sources = [], {}
   for p, v in nnx.to_flat_state(abstract):
     src, j = source(p)

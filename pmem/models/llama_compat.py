@@ -5,30 +5,20 @@ PyTorch ``Linear`` weights are ``[out, in]``; pmem keeps ``[in, ...out]``. RoPE 
 
 from __future__ import annotations
 
-import jax
 import numpy as np
-from flax import nnx
 
 from pmem.layers.attention import Attention
 from pmem.layers.mlp import SwiGLU
-from pmem.models.decoder import Decoder
+from pmem.models.decoder import Decoder, unroll
 
 
 def layers(model: Decoder) -> list:
-  """The blocks in order, unstacking scanned stages."""
-  out = []
-  for stage in model.stages:
-    if not stage.scan:
-      out += list(stage.blocks)
-      continue
-    graphdef, state = nnx.split(stage.blocks)
-    out += [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(stage.n)]
-  return out
+  """The blocks in order (scanned stages unstacked by :func:`unroll`)."""
+  return [b for stage in unroll(model)[0].stages for b in stage.blocks]
 
 
 def hf_config(model: Decoder) -> dict:
-  s0 = model.stages[0]
-  c, first = model.cfg, (s0.blocks if s0.scan else s0.blocks[0])  # sizes are static attributes
+  c, first = model.cfg, layers(model)[0]
   return {"vocab_size": c.vocab, "hidden_size": c.d_model, "num_hidden_layers": c.n_layers,
           "intermediate_size": first.ch.d_ff, "num_attention_heads": first.seq.n_heads,
           "num_key_value_heads": first.seq.n_kv_heads, "head_dim": first.seq.head_dim,

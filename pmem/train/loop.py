@@ -123,10 +123,10 @@ class Trainer:
     def init():
       model = Decoder(exp.model, rngs=nnx.Rngs(exp.seed))
       graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-      return graphdef, params, rest, model.cost(t.seq_len)
+      return graphdef, params, rest, (model.cost(t.seq_len), model.state_bytes(t.seq_len))
 
     with jax.set_mesh(self.mesh):
-      graphdef, abs_params, abs_rest, self.cost = _abstract(init)  # a config that cannot build fails here
+      graphdef, abs_params, abs_rest, (self.cost, self.state_bytes) = _abstract(init)  # a bad config fails here
       self.graphdef = graphdef
       self.ckpt, stored = None, None
       if workdir:  # the first thing written to the workdir (checkpoints/, checked writable)
@@ -287,7 +287,8 @@ class Trainer:
     c = self.cost
     return {"params_total": self.params_total, "params_active_per_token": c.active_params,
             "flops_per_token": c.flops, "train_flops_per_token": accounting.train_flops(c),
-            "bytes_read_per_token": c.bytes_read, "devices": int(np.prod(self.exp.mesh.shape)),
+            "bytes_read_per_token": c.bytes_read, "decode_state_bytes_per_sequence": self.state_bytes,
+            "devices": int(np.prod(self.exp.mesh.shape)),
             "processes": jax.process_count(), "mesh": dataclasses.asdict(self.exp.mesh)}
 
   def finished(self) -> dict | None:
