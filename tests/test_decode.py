@@ -37,6 +37,9 @@ SEQUENCE_CONFIGS = ["linear_attn_tiny", "gla_tiny", "mamba2_tiny", "deltanet_tin
 # the mixers sharing gdn's path (and hybrid_tiny, whose stages hybrid_periodic covers) run in `make test-slow`
 MESH_SLOW = {"linear_attn_tiny", "gla_tiny", "deltanet_tiny", "hybrid_tiny"}
 MESH_CONFIGS = [pytest.param(n, marks=pytest.mark.slow) if n in MESH_SLOW else n for n in MEMORY_CONFIGS + SEQUENCE_CONFIGS]
+# on one device, those mixers' unrolled stacks run in `make test-slow` (their scanned ones in `make test`)
+ONE_DEVICE = [pytest.param(n, s, marks=pytest.mark.slow) if n in MESH_SLOW and not s else (n, s)
+              for n in MEMORY_CONFIGS + SEQUENCE_CONFIGS for s in (True, False)]
 # a stack scanned over 2 repetitions of a 3-layer period (decoder.stages): Mamba2, sliding window, attention
 VARIANTS = {"hybrid_periodic": ["config:tiny", "set:model.n_layers=6", "fiddler:hybrid(pattern='GWA', G='mamba2', window=5)"]}
 B, T, P, MAX_LEN = 4, 16, 7, 20  # rows, tokens, prompt, cache
@@ -108,8 +111,7 @@ def assert_logits_close(inc, full, model):
   assert_close(inc, full, terms=model.cfg.d_model)
 
 
-@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
-@pytest.mark.parametrize("name", MEMORY_CONFIGS + SEQUENCE_CONFIGS)
+@pytest.mark.parametrize("name, scan", ONE_DEVICE, ids=lambda x: {True: "scanned", False: "unrolled"}.get(x, x))
 def test_prefill_then_decode_equals_full_forward(name, scan):
   model = model_of(name, scan)
   full, inc, _ = full_and_incremental(model, *stream())

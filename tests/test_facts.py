@@ -36,6 +36,9 @@ CASES = {
     "lave": ("fiddler:lave",),
     "pkm": ("fiddler:pkm",),
     "memory_plus": ("fiddler:memory_plus(shared_values=True)",),
+    "mixer": ("fiddler:mixer(name='gdn')",),
+    "swa": ("fiddler:swa(window=8)",),
+    "hybrid": ("fiddler:hybrid(pattern='GA', G='mamba2')",),
 }
 # a size change applied after the fiddler (the bug: fiddlers copied these at config time)
 CHANGES = ("set:model.vocab=512", "set:model.n_layers=6", "set:model.d_model=96")

@@ -95,7 +95,7 @@ def test_overrides_split_stages_and_cost_counts_params():
   half = functools.partial(SwiGLU, d_ff=16)
   m = Decoder(config(overrides=(LayerOverride(layers=(1, 3), channel_mixer=half),), tie_embeddings=True),
               rngs=nnx.Rngs(0))
-  assert [s.n for s in m.stages] == [1, 1, 1, 1]
+  assert [(s.period, s.n) for s in m.stages] == [(2, 2)]  # one stage scanning 2 periods of (48, 16)
   assert [b.ch.d_ff for b in layers(m)] == [48, 16, 48, 16]
   n = sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
   c = m.cost(seq_len=10)

@@ -1,0 +1,38 @@
+"""experiments.recall at a tiny size (--quick: one MQAR setting and passkey, 3 steps each): the rows it
+writes, its table and verdict lines; decode-state bytes of a recurrent vs an attention config."""
+
+import csv
+import json
+import math
+
+from experiments import recall
+from tests.test_experiments import launch
+
+
+def test_recall_quick(tmp_path):
+  r = launch("experiments.recall", "--quick", "--seeds", "1", "--only", "attention", "--out", str(tmp_path))
+  rows = json.loads((tmp_path / "results.json").read_text())
+  assert [(x["task"], x["mixer"], x["config"], x["seed"]) for x in rows] == [("mqar", "attention", "tiny", 0),
+                                                                           ("passkey", "attention", "tiny", 0)]
+  mq, pk = rows
+  assert (mq["d_model"], mq["kv"], mq["T"], mq["steps"]) == (*recall.QUICK_SETTINGS[0], 3)
+  assert (pk["kv"], pk["acc_far"] is not None) == (None, True)
+  for x in rows:
+    assert all(isinstance(x[k], float) and 0 <= x[k] <= 1 for k in ("acc", "acc_far") if x[k] is not None)
+    assert isinstance(x["wall_s"], float) and math.isfinite(x["wall_s"])
+    summary = json.loads((tmp_path / x["task"] / x["variant"] / "seed0" / "summary.json").read_text())
+    assert x["state_bytes"] == summary["decode_state_bytes_per_sequence"] > 0
+    assert x[f"state_bytes_{recall.LONG}"] > x["state_bytes"]  # attention's KV cache grows with the context
+  with open(tmp_path / "results.csv") as f:
+    table = list(csv.DictReader(f))
+  assert [(t["task"], t["mixer"], t["T"]) for t in table] == [(x["task"], x["mixer"], str(x["T"])) for x in rows]
+  md = (tmp_path / "results.md").read_text()
+  assert md == f"# recall\n\n{recall.table(rows)}\n" and "| attention | tiny |" in md
+  assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+  assert [line[:4] for line in r.stdout.splitlines() if line.startswith("(")] == ["(a) ", "(b) ", "(c) "]
+
+
+def test_recurrent_state_does_not_grow():
+  gdn = ["config:tiny", *recall.MIXERS["gdn"][1]]
+  assert recall.long_state_bytes(gdn, 64) == recall.long_state_bytes(gdn, recall.LONG)
+  assert recall.long_state_bytes(["config:tiny"], recall.LONG) > 100 * recall.long_state_bytes(gdn, recall.LONG)
