@@ -36,3 +36,16 @@ def test_recurrent_state_does_not_grow():
   gdn = ["config:tiny", *recall.MIXERS["gdn"][1]]
   assert recall.long_state_bytes(gdn, 64) == recall.long_state_bytes(gdn, recall.LONG)
   assert recall.long_state_bytes(["config:tiny"], recall.LONG) > 100 * recall.long_state_bytes(gdn, recall.LONG)
+
+
+def test_verdicts_on_constructed_results():
+  acc = {"attention": (0.95, 0.97), "linear_attn": (0.40, 0.42), "gdn": (0.60, 0.62), "hybrid": (0.90, 0.92)}
+  rows = lambda acc: [{"task": "mqar", "mixer": m, "d_model": 64, "kv": 2, "T": 16, "seed": s, "acc": a,  # noqa: E731
+                       "state_bytes": 100 if m == "attention" else 50, f"state_bytes_{recall.LONG}": 1000}
+                      for m, xs in acc.items() for s, a in enumerate(xs)]
+  a, b, c = recall.verdicts(rows(acc))
+  assert "solves MQAR (accuracy >= 0.9) at every d64 setting: holds" in a
+  assert "gdn beats linear attention (MQAR accuracy, mean over 1 settings): holds" in b
+  assert ": holds — " in c and "closes 86% of it" in c  # (0.91 - 0.61) / (0.96 - 0.61)
+  acc["gdn"] = (0.98, 0.99)  # gdn above attention: no gap for the hybrid to close
+  assert "not applicable" in recall.verdicts(rows(acc))[2]

@@ -76,6 +76,7 @@ def chunked(q, k, v, a, beta=None, reset=None, S0=None, chunk: int = 64, remat: 
 def _chunked(q, k, v, a, beta, reset, c: int, S0):
   b, t, h, dk = k.shape
   dv, per_key = v.shape[-1], a.ndim == 4
+  c = min(c, t)  # a call shorter than a chunk is one chunk of its length
   n = -(-t // c)
   pad = n * c - t
 
