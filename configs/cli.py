@@ -1,4 +1,6 @@
 """Ordered config commands: ``config:NAME``, ``fiddler:NAME[(k=v, ...)]``, ``set:PATH=VALUE``.
+``config:DIR`` starts from a workdir's ``config.json`` (an imported model's, ``experiments.convert``,
+or another run's).
 
 Every mistake is one line naming the bad part and suggesting close matches. Values are checked
 against their annotations (``int``, ``float``, ``X | None``, ``Literal``, ``tuple[...]``, nested; of
@@ -13,6 +15,7 @@ import collections.abc
 import dataclasses
 import functools
 import inspect
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -263,8 +266,18 @@ def _call(text: str) -> tuple[str, dict]:
   return node.func.id, {k.arg: ast.literal_eval(k.value) for k in node.keywords}
 
 
+def stored(workdir: str) -> fdl.Config:
+  """The Fiddle config a workdir's ``config.json`` holds."""
+  from fiddle.experimental import serialization
+  with open(os.path.join(workdir, "config.json")) as f:
+    try:
+      return serialization.load_json(f.read())
+    except Exception as e:  # fiddle raises several types for a bad file
+      raise ConfigError(f"{workdir}/config.json does not read as a Fiddle config ({type(e).__name__})") from None
+
+
 def build_config(commands: list[str]) -> fdl.Config:
-  """Applies the commands in order; the first must be ``config:NAME``."""
+  """Applies the commands in order; the first must be ``config:NAME`` or ``config:DIR``."""
   configs.load_all()
   cfg = None
   for cmd in commands:
@@ -274,9 +287,13 @@ def build_config(commands: list[str]) -> fdl.Config:
     if kind == "config":
       if cfg is not None:
         raise ConfigError(f"config:{arg} given after another config:; give exactly one, first")
-      if arg not in configs.CONFIGS:
-        raise ConfigError(f"unknown config {arg!r}{suggest(arg, configs.CONFIGS)} (see --list)")
-      cfg = configs.CONFIGS[arg][0]()
+      if arg in configs.CONFIGS:
+        cfg = configs.CONFIGS[arg][0]()
+      elif os.path.isfile(os.path.join(arg, "config.json")):
+        cfg = stored(arg)
+      else:
+        raise ConfigError(f"unknown config {arg!r}{suggest(arg, configs.CONFIGS)} (see --list), nor a workdir "
+                          "holding config.json")
       continue
     if cfg is None:
       raise ConfigError(f"--config {cmd!r} comes before config:NAME; start with config:NAME")

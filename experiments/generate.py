@@ -1,7 +1,8 @@
 """Continue a prompt with a trained model: ``python -m experiments.generate --workdir W --prompt "..."
 [--max-new-tokens N --temperature T --top-k K --top-p P --seed S --step N --max-len L --json]``.
 
-Loads the newest readable checkpoint of ``W`` (or ``--step``) with ``pmem.load``, prints the
+Loads the newest readable checkpoint of ``W`` (or ``--step``; an imported model not trained yet:
+its weights, step 0) with ``pmem.load``, prints the
 continuation and the decode throughput; ``--json`` prints ``{"text", "token_ids", "logprobs",
 "tokens_per_s"}`` instead. Greedy unless ``--temperature`` > 0. Bad arguments (no checkpoint, an
 empty prompt, one longer than the model's context, bad sampling values) end with a one-line error
@@ -34,11 +35,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
   a = parse(argv)
-  ckpts = os.path.join(a.workdir, "checkpoints")
   if not os.path.exists(os.path.join(a.workdir, "config.json")):
     sys.exit(f"error: {a.workdir} has no config.json; is it a training workdir?")
-  if not any(n.isdigit() for n in (os.listdir(ckpts) if os.path.isdir(ckpts) else [])):
-    sys.exit(f"error: {a.workdir} has no checkpoint to generate with")
   from absl import logging
   logging.set_verbosity(logging.ERROR)
 

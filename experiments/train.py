@@ -1,5 +1,7 @@
 """Launcher: ``python -m experiments.train --config config:NAME [--config fiddler:NAME]
-[--config set:PATH=VALUE] --workdir DIR`` (``--list`` prints configs and fiddlers)."""
+[--config set:PATH=VALUE] --workdir DIR`` (``--list`` prints configs and fiddlers). Without a
+leading ``config:`` the workdir's own ``config.json`` is the base (``config:DIR``): an imported
+model's (``experiments.convert``) to fine-tune, or a run's to resume or extend."""
 
 from __future__ import annotations
 
@@ -39,8 +41,12 @@ def main(argv) -> None:
   if FLAGS.list:
     print(cli.listing())
     return
+  commands = list(FLAGS.config)
+  if (FLAGS.workdir and not (commands and commands[0].startswith("config:"))
+      and os.path.isfile(os.path.join(FLAGS.workdir, "config.json"))):
+    commands.insert(0, f"config:{FLAGS.workdir}")
   try:
-    cfg = cli.build_config(FLAGS.config)
+    cfg = cli.build_config(commands)
   except (ValueError, KeyError) as e:  # cli.ConfigError, and what fiddlers refuse
     sys.exit(f"error: {e.args[0] if e.args else e}")
   if not FLAGS.workdir:

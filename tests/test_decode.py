@@ -33,12 +33,15 @@ configs.load_all()
 MEMORY_CONFIGS = ["tiny", "stem_tiny", "engram_tiny", "move_tiny", "lave_tiny", "pkm_tiny", "memory_plus_tiny"]
 SEQUENCE_CONFIGS = ["linear_attn_tiny", "gla_tiny", "mamba2_tiny", "deltanet_tiny", "gdn_tiny", "swa_tiny", "hybrid_tiny",
                     "hybrid_periodic"]
-# on the mesh, `make test` runs one mixer per code path (LinearRecurrence, Mamba2, ring buffer, periods);
-# the mixers sharing gdn's path (and hybrid_tiny, whose stages hybrid_periodic covers) run in `make test-slow`
-MESH_SLOW = {"linear_attn_tiny", "gla_tiny", "deltanet_tiny", "hybrid_tiny"}
-MESH_CONFIGS = [pytest.param(n, marks=pytest.mark.slow) if n in MESH_SLOW else n for n in MEMORY_CONFIGS + SEQUENCE_CONFIGS]
-# on one device, those mixers' unrolled stacks run in `make test-slow` (their scanned ones in `make test`)
-ONE_DEVICE = [pytest.param(n, s, marks=pytest.mark.slow) if n in MESH_SLOW and not s else (n, s)
+# on the mesh, `make test` runs one config per way state is sharded (KV cache, Engram's conv tail and host
+# hashes, LinearRecurrence, Mamba2, ring buffer, periods) scanned, and tiny / the periodic stack unrolled;
+# the rest of the matrix (position-wise memories, mixers sharing gdn's path, hybrid_tiny) in `make test-slow`
+MESH_FAST = {"tiny", "engram_tiny", "mamba2_tiny", "gdn_tiny", "swa_tiny", "hybrid_periodic"}
+MESH_UNROLLED = {"tiny", "hybrid_periodic"}
+MESH_CASES = [pytest.param(n, s, marks=pytest.mark.slow) if n not in (MESH_FAST if s else MESH_UNROLLED) else (n, s)
+              for n in MEMORY_CONFIGS + SEQUENCE_CONFIGS for s in (True, False)]
+# on one device every config runs scanned in `make test`, unrolled where the mesh runs it scanned
+ONE_DEVICE = [pytest.param(n, s, marks=pytest.mark.slow) if not s and n not in MESH_FAST else (n, s)
               for n in MEMORY_CONFIGS + SEQUENCE_CONFIGS for s in (True, False)]
 # a stack scanned over 2 repetitions of a 3-layer period (decoder.stages): Mamba2, sliding window, attention
 VARIANTS = {"hybrid_periodic": ["config:tiny", "set:model.n_layers=6", "fiddler:hybrid(pattern='GWA', G='mamba2', window=5)"]}
@@ -119,8 +122,7 @@ def test_prefill_then_decode_equals_full_forward(name, scan):
 
 
 @needs_devices(8)
-@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
-@pytest.mark.parametrize("name", MESH_CONFIGS)
+@pytest.mark.parametrize("name, scan", MESH_CASES, ids=lambda x: {True: "scanned", False: "unrolled"}.get(x, x))
 def test_prefill_then_decode_equals_full_forward_on_a_mesh(name, scan):
   model = model_of(name, scan)
   mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(data=2, fsdp=2, tensor=2))

@@ -39,6 +39,8 @@ CASES = {
     "mixer": ("fiddler:mixer(name='gdn')",),
     "swa": ("fiddler:swa(window=8)",),
     "hybrid": ("fiddler:hybrid(pattern='GA', G='mamba2')",),
+    "lora": ("fiddler:lora(rank=4)",),
+    "dora": ("fiddler:dora(rank=4, targets=('wq', 'w_up'))",),
 }
 # a size change applied after the fiddler (the bug: fiddlers copied these at config time)
 CHANGES = ("set:model.vocab=512", "set:model.n_layers=6", "set:model.d_model=96")

@@ -14,7 +14,7 @@ from pmem.layers.attention import Attention
 from pmem.layers.mlp import SwiGLU
 from pmem.core.mixer import TokenContext
 from pmem.models import Decoder, DecoderConfig
-from pmem.models.llama_compat import to_hf_llama
+from pmem.models import hf
 
 
 @pytest.mark.oracle
@@ -32,7 +32,7 @@ def test_logits_match_hf_llama(tmp_path, tied, scan):
   t = ids.shape[1]
   ctx = TokenContext(jnp.asarray(ids), jnp.broadcast_to(jnp.arange(t), ids.shape), jnp.ones_like(ids))
   ours = np.asarray(model(jnp.asarray(ids), ctx))
-  hf_cfg, sd = to_hf_llama(model)
+  hf_cfg, sd = hf.hf_config(model), hf.export(model)
   np.savez(tmp_path / "in.npz", config=json.dumps(hf_cfg), input_ids=ids, **{"w:" + k: v for k, v in sd.items()})
   run_oracle(str(ROOT / "experiments/oracles/hf_llama.py"), "logits", str(tmp_path / "in.npz"), str(tmp_path / "out.npz"))
   theirs = np.load(tmp_path / "out.npz")["logits"]

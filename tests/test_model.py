@@ -15,7 +15,7 @@ from pmem.layers.attention import Attention
 from pmem.layers.mlp import SwiGLU
 from pmem.core.mixer import TokenContext
 from pmem.models import Decoder, DecoderConfig, LayerOverride
-from pmem.models.llama_compat import layers
+from pmem.models.decoder import layers
 from pmem.train import optim
 from tests.tolerances import assert_close
 

@@ -84,3 +84,41 @@ def test_nan_loss_stops_with_a_clear_error():
               steps=6)
   with pytest.raises(FloatingPointError, match=r"(loss|param_norm) is (nan|inf) at step \d"):
     t.run()
+
+
+def _flat(tree) -> dict[str, np.ndarray]:
+  return {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(tree)}
+
+
+def test_frozen_parameters_stay_bit_identical_and_have_no_optimizer_state():
+  trained = ("*/seq/*", "*/aug/*/table")  # fnmatch: * crosses /
+  t = trainer(f"set:train.trainable={trained!r}")
+  before = _flat(t.state["params"])
+  t.run()
+  after = _flat(t.state["params"])
+  moves = {n for n in before if not np.array_equal(before[n], after[n])}
+  assert moves and all("/seq/" in n or "/aug/" in n for n in moves)
+  frozen = [n for n in before if "/seq/" not in n and "/aug/" not in n]
+  assert frozen and all(np.array_equal(before[n], after[n]) for n in frozen)  # bit for bit
+  n_trained = sum(v.size for n, v in before.items() if n not in frozen)
+  assert t.summary_header()["params_trainable"] == n_trained < t.params_total
+  moments = sum(x.size for x in jax.tree.leaves(t.state["opt"]) if x.ndim)  # Adam's mu and nu
+  assert moments == 2 * n_trained
+
+
+def test_frozen_parameters_get_no_gradient():
+  """XLA drops the weight gradients of frozen matrices: the step's FLOPs fall by about their matmuls."""
+  flops = {}
+  for name, sets in (("all", ()), ("head", ("set:train.trainable=('head',)",))):
+    t = trainer(*sets)
+    batch = t.to_device(next(t.it), t.rows)
+    with jax.set_mesh(t.mesh):
+      flops[name] = t.step_fn.lower(t.state, batch).compile().cost_analysis()["flops"]
+  assert flops["head"] < 0.8 * flops["all"], flops
+
+
+@pytest.mark.parametrize("patterns, message", [(("stages/*/nope",), "matches no parameter"),
+                                               ((), "nothing would be trained")])
+def test_bad_trainable_patterns_fail_clearly(patterns, message):
+  with pytest.raises(ValueError, match=message):
+    trainer(f"set:train.trainable={patterns!r}")

@@ -4,7 +4,7 @@
 init from ``nnx.Rngs(0)``) decodes greedily from random prompts of ``--prompt_len`` tokens, at each
 ``--batch`` size, ``--new_tokens`` tokens per row, with :class:`pmem.decode.Generator` and with HF
 ``LlamaForCausalLM.generate`` (torch CPU, SDPA, ``use_cache=True``, the same weights through
-``pmem.models.llama_compat``, no EOS token: ``experiments/oracles/hf_generate.py``, a worker in the
+``pmem.models.hf``, no EOS token: ``experiments/oracles/hf_generate.py``, a worker in the
 oracle venv). Decode tokens/s excludes the prefill and compilation: ``B·(N − 1)`` tokens over the
 seconds from the first new token to the last, in both: pmem's ``Generation.tokens_per_s``; for
 HF, ``generate(max_new_tokens=min_new_tokens=N)`` with a stopping criterion that stamps the time
@@ -55,7 +55,7 @@ from pmem.core.runtime import reexec_with_tuned_malloc
 from pmem.data.tokenizer import ByteTokenizer
 from pmem.decode import Generator, to_host
 from pmem.models.decoder import Decoder
-from pmem.models.llama_compat import to_hf_llama
+from pmem.models.hf import export, hf_config
 
 ENGRAM_HEADS = 4
 ENGRAM_TABLES = 2 * ENGRAM_HEADS  # orders 2 and 3
@@ -97,7 +97,7 @@ def dense(a, threads: int) -> tuple[list[dict], dict, dict]:
   model = model_of([f"config:{a.config}"])
   prompts = np.random.default_rng(0).integers(0, model.cfg.vocab, (max(a.batch), a.prompt_len)).astype(np.int32)
   gen = Generator(model, max_len=a.prompt_len + a.new_tokens)
-  hf_cfg, sd = to_hf_llama(model)
+  hf_cfg, sd = hf_config(model), export(model)
   runs, toks = {(impl, b): [] for b in a.batch for impl in ("pmem", "hf_torch")}, {}
   with tempfile.TemporaryDirectory() as tmp:
     inp = os.path.join(tmp, "in.npz")

@@ -88,12 +88,14 @@ def train_step(name: str, t: int, tokens: int, commands: list[str]):
                                     f"set:train.batch_size={b}"]))
   graphdef, params, rest = nnx.split(Decoder(exp.model, rngs=nnx.Rngs(exp.seed)), nnx.Param, ...)
   tx, lr = optim.build(exp.train.optim, exp.train.steps)
-  state = {"params": params, "rest": rest, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+  trained = optim.trainable(params, exp.train.trainable)[0]  # train.trainable: the rest frozen
+  state = {"params": params, "rest": rest, "opt": tx.init(trained), "step": jnp.zeros((), jnp.int32)}
   ids = np.random.default_rng(0).integers(0, exp.model.vocab, (b, t + 1)).astype(np.int32)
   batch = jax.device_put({"inputs": ids[:, :-1], "targets": ids[:, 1:], "segment_ids": np.ones((b, t), np.int32),
                           "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)),
                           "loss_mask": np.ones((b, t), np.float32)})
-  fn = jax.jit(make_train_step(graphdef, tx, lr, exp.train.z_loss), donate_argnums=0).lower(state, batch).compile()
+  fn = jax.jit(make_train_step(graphdef, tx, lr, exp.train.z_loss, exp.train.trainable),
+               donate_argnums=0).lower(state, batch).compile()
   mem = fn.memory_analysis()
 
   def step() -> float:
@@ -102,7 +104,10 @@ def train_step(name: str, t: int, tokens: int, commands: list[str]):
     state, m = fn(state, batch)
     jax.block_until_ready(m)
     return time.perf_counter() - t0
-  return step, {"temp_bytes": int(mem.temp_size_in_bytes), "argument_bytes": int(mem.argument_size_in_bytes)}
+  size = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
+  return step, {"temp_bytes": int(mem.temp_size_in_bytes), "argument_bytes": int(mem.argument_size_in_bytes),
+                "optimizer_bytes": sum(x.nbytes for x in jax.tree.leaves(state["opt"])),
+                "params": size(params), "params_trainable": size(trained)}
 
 
 def train(a) -> list[dict]:

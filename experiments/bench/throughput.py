@@ -26,7 +26,7 @@ from configs.base import experiment
 from experiments.bench.common import ROOT, TorchWorker
 from pmem.core.runtime import reexec_with_tuned_malloc
 from pmem.models.decoder import Decoder
-from pmem.models.llama_compat import hf_config
+from pmem.models.hf import hf_config
 from pmem.train.loop import Trainer
 
 

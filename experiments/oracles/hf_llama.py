@@ -26,11 +26,13 @@ def build(cfg: dict, attn: str) -> LlamaForCausalLM:
 
 
 def load(data, cfg: dict, attn: str) -> LlamaForCausalLM:
-  """The model of ``cfg`` with the ``w:``-prefixed weights of an .npz, every weight matched."""
+  """The model of ``cfg`` with the ``w:``-prefixed weights of an .npz, every weight matched (a tied
+  model's lm_head is its embedding)."""
   model = build(cfg, attn).eval()
   sd = {k[2:]: torch.from_numpy(data[k]) for k in data.files if k.startswith("w:")}
   missing, unexpected = model.load_state_dict(sd, strict=False)
-  missing = [m for m in missing if not m.endswith("rotary_emb.inv_freq")]
+  tied = ["lm_head.weight"] if cfg.get("tie_word_embeddings") else []
+  missing = [m for m in missing if not m.endswith("rotary_emb.inv_freq") and m not in tied]
   if missing or unexpected:
     raise SystemExit(f"weight mismatch: missing {missing}, unexpected {unexpected}")
   return model

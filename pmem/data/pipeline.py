@@ -45,6 +45,11 @@ class DataConfig:
   prefetch: int = 2  # batches built ahead by Grain threads
 
 
+def has_text(cfg: DataConfig) -> bool:
+  """Whether the data holds text (the corpus or a text task), so a tokenizer."""
+  return cfg.corpus is not None or cfg.bios is not None or cfg.passkey is not None
+
+
 def _rng(seed: int, *keys) -> np.random.Generator:
   tag = [int.from_bytes(hashlib.sha256(str(k).encode()).digest()[:4], "little") if isinstance(k, str) else k
          for k in keys]
@@ -208,9 +213,8 @@ class Pipeline:
                                                ("passkey", passkey_lib.Passkey, cfg.passkey)) if c is not None}
     if cfg.corpus is None and not self.tasks:
       raise ValueError("data has no source: set data.corpus or configure a task (data.bios/mqar/passkey)")
-    text = [k for k in self.tasks if k != "mqar"]
     self.tokenizer = tok_lib.build(cfg.tokenizer, self._tokenizer_texts, self._tokenizer_key()) \
-        if cfg.corpus is not None or text else None
+        if has_text(cfg) else None
     self.vocab = max(([self.tokenizer.vocab_size] if self.tokenizer else []) +
                      ([cfg.mqar.vocab_size] if cfg.mqar else []))
     parts, weights = [], []

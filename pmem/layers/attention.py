@@ -8,7 +8,10 @@ per row, ``S = max_len`` (or ``window``: a ring buffer), with each slot's positi
 on ``T`` new tokens writes them into their slots and attends over the cache, masked by segment,
 position (causal) and window; in a ring a chunk of ``T > 1`` could overwrite slots its earlier
 tokens see, so it attends over the old slots and the chunk, then writes its last ``min(T, S)``.
-Without ``window`` the caller keeps ``end + T <= max_len`` (the generator checks it)."""
+Without ``window`` the caller keeps ``end + T <= max_len`` (the generator checks it).
+
+``qkv_bias`` adds biases to the q, k and v projections (Qwen2; zero at init), none to the output.
+``adapter``: LoRA / DoRA on the projections it targets (pmem.layers.adapters)."""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from jaxtyping import Array, Float
 from pmem.core import accounting
 from pmem.core.registry import SEQUENCE_MIXERS
 from pmem.core.rules import constrain
+from pmem.layers import adapters
 from pmem.layers.init import fan_in_normal
 from pmem.layers.rope import apply_rope
 from pmem.core.mixer import TokenContext
@@ -53,20 +57,37 @@ class Attention(nnx.Module):
 
   def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int | None = None,
                rope_theta: float = 10000.0, window: int | None = None, out_scale: float = 1.0,
-               dtype: str = "float32", *, rngs: nnx.Rngs):
+               dtype: str = "float32", qkv_bias: bool = False, adapter: adapters.AdapterConfig | None = None, *,
+               rngs: nnx.Rngs):
     if n_heads % n_kv_heads:
       raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}")
     if window is not None and window < 1:
       raise ValueError(f"attention window must be >= 1 positions (or None), got {window}")
     h = head_dim or d_model // n_heads
     self.n_heads, self.n_kv_heads, self.head_dim, self.window = n_heads, n_kv_heads, h, window
-    self.d_model, self.rope_theta, self.dtype = d_model, rope_theta, jnp.dtype(dtype)
+    self.d_model, self.rope_theta, self.dtype, self.qkv_bias = d_model, rope_theta, jnp.dtype(dtype), qkv_bias
     k = rngs.params
     self.wq = nnx.Param(fan_in_normal(k(), (d_model, n_heads, h), d_model), axes=("embed", "heads", "head_dim"))
     self.wk = nnx.Param(fan_in_normal(k(), (d_model, n_kv_heads, h), d_model), axes=("embed", "kv_heads", "head_dim"))
     self.wv = nnx.Param(fan_in_normal(k(), (d_model, n_kv_heads, h), d_model), axes=("embed", "kv_heads", "head_dim"))
     self.wo = nnx.Param(fan_in_normal(k(), (n_heads, h, d_model), n_heads * h, out_scale),
                         axes=("heads", "head_dim", "embed"))
+    if qkv_bias:
+      self.bq = nnx.Param(jnp.zeros((n_heads, h), jnp.float32), axes=("heads", "head_dim"))
+      self.bk = nnx.Param(jnp.zeros((n_kv_heads, h), jnp.float32), axes=("kv_heads", "head_dim"))
+      self.bv = nnx.Param(jnp.zeros((n_kv_heads, h), jnp.float32), axes=("kv_heads", "head_dim"))
+    self.adapters = adapters.build(adapter, self, tuple(self.AXES), rngs=rngs)
+
+  AXES = {"wq": ("embed", "heads"), "wk": ("embed", "kv_heads"), "wv": ("embed", "kv_heads"), "wo": ("heads", "embed")}
+
+  def weight2d(self, name: str) -> jax.Array:
+    """Projection ``name`` as ``[..., d_in, d_out]`` (heads x head_dim flattened; leading stacked-layer dims kept)."""
+    w = getattr(self, name)[...]
+    lead = w.shape[:w.ndim - 3]
+    return w.reshape(*lead, self.d_model, -1) if name != "wo" else w.reshape(*lead, -1, self.d_model)
+
+  def weight_axes(self, name: str) -> tuple[str, str]:
+    return self.AXES[name]
 
   def init_state(self, batch: int, max_len: int, dtype: str = "float32") -> dict[str, jax.Array]:
     """An empty cache (module docstring) of ``max_len`` slots, or ``window`` if smaller."""
@@ -80,9 +101,11 @@ class Attention(nnx.Module):
     dt, (b, t, d) = self.dtype, x.shape
     n, nkv, h = self.n_heads, self.n_kv_heads, self.head_dim
     x2 = x.astype(dt).reshape(b * t, d)  # 2-D matmuls (faster than 3-D einsums on XLA:CPU)
-    q = (x2 @ self.wq[...].astype(dt).reshape(d, n * h)).reshape(b, t, n, h)
-    k = (x2 @ self.wk[...].astype(dt).reshape(d, nkv * h)).reshape(b, t, nkv, h)
-    v = (x2 @ self.wv[...].astype(dt).reshape(d, nkv * h)).reshape(b, t, nkv, h)
+    q = adapters.project(self, "wq", x2).reshape(b, t, n, h)
+    k = adapters.project(self, "wk", x2).reshape(b, t, nkv, h)
+    v = adapters.project(self, "wv", x2).reshape(b, t, nkv, h)
+    if self.qkv_bias:
+      q, k, v = (y + bias[...].astype(dt) for y, bias in ((q, self.bq), (k, self.bk), (v, self.bv)))
     v = self.mix_values(v, x.astype(dt), ctx)
     q = constrain(apply_rope(q, ctx.positions, self.rope_theta), ("batch", "length", "act_heads", None))
     k = constrain(apply_rope(k, ctx.positions, self.rope_theta), ("batch", "length", "act_kv_heads", None))
@@ -103,7 +126,7 @@ class Attention(nnx.Module):
       o = jax.nn.dot_product_attention(q, keys, vals, mask=mask)
       state = self._write(c, k, v, ctx)
     o = constrain(o, ("batch", "length", "act_heads", None))
-    y = o.reshape(b * t, n * h) @ self.wo[...].astype(dt).reshape(n * h, d)
+    y = adapters.project(self, "wo", o.reshape(b * t, n * h))
     y = constrain(y.reshape(b, t, d), ("batch", "length", "embed"))
     return y if state is None else (y, state)
 
@@ -129,6 +152,9 @@ class Attention(nnx.Module):
   def cost(self, seq_len: int) -> accounting.Cost:
     d, h, n, nkv = self.d_model, self.head_dim, self.n_heads, self.n_kv_heads
     proj = accounting.dense(d, n * h) + 2 * accounting.dense(d, nkv * h) + accounting.dense(n * h, d)
+    if self.qkv_bias:
+      proj = proj + accounting.vector((n + 2 * nkv) * h)
+    proj = proj + adapters.cost(self)
     # QK^T and AV: 2 matmuls x 2 FLOPs x keys per query x n*h; keys: T/2 (causal), or the mean of
     # min(t + 1, window) over the sequence
     w = self.window

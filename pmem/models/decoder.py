@@ -28,6 +28,7 @@ from pmem.core import accounting, mixer
 from pmem.core.variables import name_of
 from pmem.core.registry import CHANNEL_MIXERS, SEQUENCE_MIXERS, unknown
 from pmem.core.rules import constrain
+from pmem.layers.adapters import AdapterConfig
 from pmem.layers.embed import Embed, check_ids
 from pmem.layers.init import fan_in_normal
 from pmem.layers.norms import RMSNorm
@@ -70,6 +71,9 @@ class DecoderConfig:
   # modules computed once per forward from the token ids and handed to every layer as
   # ``ctx.features[name]`` (e.g. MoVE's value bank shared across attention layers)
   shared: tuple[tuple[str, Factory], ...] = ()
+  # LoRA / DoRA on the projections it targets, in every layer whose mixers take ``adapter``
+  # (pmem.layers.adapters; fiddler:lora / fiddler:dora)
+  adapter: AdapterConfig | None = None
 
 
 REMAT_POLICIES: dict[str, Any] = {
@@ -143,7 +147,7 @@ def facts(cfg: DecoderConfig, layer: int | None = None) -> dict[str, Any]:
   ``layer=None`` for the shared per-forward modules."""
   out = dict(vocab=cfg.vocab, d_model=cfg.d_model, n_layers=cfg.n_layers, dtype=cfg.dtype)
   if layer is not None:
-    out.update(layer=layer, out_scale=(2 * cfg.n_layers) ** -0.5)
+    out.update(layer=layer, out_scale=(2 * cfg.n_layers) ** -0.5, adapter=cfg.adapter)
   base = _resolve(cfg.channel_mixer, CHANNEL_MIXERS)
   if isinstance(base, functools.partial) and "d_ff" in base.keywords:
     out["d_ff"] = base.keywords["d_ff"]
@@ -308,6 +312,11 @@ class Decoder(nnx.Module):
     self.shared = nnx.Dict({name: mixer.build(f, facts(cfg), rngs=rngs, what=f"model.shared[{name!r}]")
                             for name, f in cfg.shared})
     self.norm_out = RMSNorm(cfg.d_model, cfg.norm_eps)
+    if cfg.adapter is not None:
+      found = {k for _, m in nnx.iter_graph(self.stages) if isinstance(m, nnx.Module) for k in getattr(m, "adapters", ())}
+      if missing := [t for t in cfg.adapter.targets if t not in found]:
+        raise ValueError(f"model.adapter target {missing[0]!r} names no projection of a layer that takes adapters "
+                         f"(adapted here: {sorted(found) or 'none'}; attention: wq wk wv wo, swiglu: w_gate w_up w_down)")
     if not cfg.tie_embeddings:
       self.head = nnx.Param(fan_in_normal(rngs.params(), (cfg.d_model, cfg.vocab), cfg.d_model),
                             axes=("embed", "vocab"))
@@ -372,6 +381,17 @@ class Decoder(nnx.Module):
     return c + head
 
 
+def layer_paths(model: Decoder) -> list[tuple[tuple, int | None]]:
+  """Per layer, in order: the path of its block's variables in ``model`` and the index into their
+  stacked leading axis (None: not stacked)."""
+  return [(("stages", i, *sub), j) for i, s in enumerate(model.stages) for sub, j in s.layers()]
+
+
+def layers(model: Decoder) -> list[Block]:
+  """The blocks in order (scanned stages unstacked by :func:`unroll`)."""
+  return [b for stage in unroll(model)[0].stages for b in stage.blocks]
+
+
 def unroll(model: Decoder) -> tuple[Decoder, dict[str, tuple[str, int | None]]]:
   """``(model', sources)``: ``model`` with every scanned stage's stacked layers as separate blocks
   holding the same values (each layer's slice copied once), and for every variable of ``model'``
@@ -381,7 +401,7 @@ def unroll(model: Decoder) -> tuple[Decoder, dict[str, tuple[str, int | None]]]:
   if not any(s.scan for s in model.stages):
     return model, {name_of(p): (name_of(p), None) for p, _ in nnx.to_flat_state(nnx.state(model))}
   flat = dict(nnx.to_flat_state(nnx.state(model)))
-  where = [(("stages", i, *sub), j) for i, s in enumerate(model.stages) for sub, j in s.layers()]  # by layer
+  where = layer_paths(model)
   cfg = dataclasses.replace(model.cfg, scan_layers=False)
   out = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
   graphdef, abstract = nnx.split(out)

@@ -25,6 +25,8 @@ from pmem.data import corpus as corpus_lib
 from pmem.data.pipeline import FIELDS, DataConfig, Pipeline
 from pmem.core.mixer import batch_features
 from pmem.decode import Generator
+from pmem.layers import adapters
+from pmem.models import hf
 from pmem.models.decoder import Decoder, DecoderConfig
 from pmem.train import checkpoint as ckpt_lib, host_tables, inspect, optim, sparse, step as step_lib
 from pmem.train.evaluate import EvalConfig, Evaluator
@@ -41,6 +43,11 @@ class TrainConfig:
   z_loss: float = 0.0
   optim: optim.OptimConfig = optim.OptimConfig()
   progress: bool = True
+  # step 0's parameters: a Hugging Face checkpoint directory (pmem.models.hf; an imported model's
+  # copy in its workdir, experiments.convert) instead of the random init
+  init_from: str | None = None
+  # glob patterns over parameter paths (e.g. 'stages/*/seq/*', '*lora*'): the rest is frozen
+  trainable: tuple[str, ...] = ("*",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,19 +72,20 @@ class Experiment:
 
 
 # settings a resumed run may change: where to stop, the NaN stop's remedies (learning rate, clipping),
-# and what changes speed or reporting but no result (logging, prefetch, mesh, kernels, evaluation,
-# checkpoint cadence)
+# what changes speed or reporting but no result (logging, prefetch, mesh, kernels, evaluation,
+# checkpoint cadence), and the paths of files whose contents are fingerprinted instead (data_contents)
 RESUMABLE = ("train.steps", "train.schedule_steps", "train.log_every", "train.progress", "train.optim.lr",
              "train.optim.clip_norm", "train.optim.tables.clip_norm", "data.prefetch", "model.kernel_impl", "mesh",
-             "checkpoint", "eval")
+             "checkpoint", "eval", "train.init_from", "data.tokenizer.path")
 RUN_FILES = ("metrics.jsonl", "summary.json", "tb", "usage_histograms.json")  # what a run writes beside checkpoints
 
 
-def data_contents(p: Pipeline) -> dict:
-  """Checksums of what the run reads: the corpus splits and the tokenizer."""
+def data_contents(p: Pipeline, init_from: str | None = None) -> dict:
+  """Checksums of what the run reads: the corpus splits, the tokenizer and the initial weights (if any)."""
   c = p.cfg.corpus
-  return {"corpus": {s: corpus_lib.checksum(c, s) for s in ("train", "valid")} if c else None,
-          "tokenizer": p.tokenizer.fingerprint if p.tokenizer else None}
+  out = {"corpus": {s: corpus_lib.checksum(c, s) for s in ("train", "valid")} if c else None,
+         "tokenizer": p.tokenizer.fingerprint if p.tokenizer else None}
+  return out | ({"init": hf.digest(init_from)} if init_from else {})
 
 
 def shardings_like(tree, abs_params, params_sh, default):
@@ -128,13 +136,15 @@ class Trainer:
     with jax.set_mesh(self.mesh):
       graphdef, abs_params, abs_rest, (self.cost, self.state_bytes) = _abstract(init)  # a bad config fails here
       self.graphdef = graphdef
+      if t.init_from:  # its tensors fit the model (names, shapes), before anything is written
+        hf.check(t.init_from, nnx.merge(graphdef, abs_params, abs_rest))
       self.ckpt, stored = None, None
       if workdir:  # the first thing written to the workdir (checkpoints/, checked writable)
         self.ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), exp.checkpoint)
         stored = self.ckpt.latest_meta()
       # the schedule's horizon: given, else the one the checkpoints were written with, else train.steps
       self.schedule_steps = t.schedule_steps or (stored or {}).get("schedule_steps") or t.steps
-      self.fingerprint = exp.fingerprint(data_contents(self.data), self.schedule_steps)
+      self.fingerprint = exp.fingerprint(data_contents(self.data, t.init_from), self.schedule_steps)
       self.tx, self.lr = optim.build(t.optim, self.schedule_steps)
       # host-computed batch fields of modules that have them (Engram's hashed n-gram ids), read
       # from the abstract model's static attributes
@@ -146,21 +156,29 @@ class Trainer:
       self.tx, self.host = host_tables.HostTables.create(self.tx, abs_params, lambda: init()[1],
                                                          {k: t.batch_size * v.size for k, v in example.items()})
       self.params_total = count_params(abs_params)
+      optim.check_trainable(abs_params, t.trainable)
+      trained = optim.trainable(abs_params, t.trainable)[0]
+      self.params_trainable = count_params(trained)
+      trained = {sparse.name_of(p) for p, _ in nnx.to_flat_state(trained)}
+      if frozen := [n for n in (self.host.tables if self.host else ()) if n not in trained]:
+        raise ValueError(f"host-resident table {frozen[0]} is frozen by train.trainable; only device tables "
+                         "can be frozen (raise train.optim.tables.device_budget_bytes)")
       on_device = self.host.placeholders if self.host else (lambda p: p)
       abs_params = on_device(abs_params)
       p_sh, r_sh = param_shardings(self.mesh, abs_params), param_shardings(self.mesh, abs_rest)
       params, rest = jax.jit(lambda: (lambda _, p, r, __: (on_device(p), r))(*init()),  # (params, rest)
                              out_shardings=(p_sh, r_sh))()
       replicated = NamedSharding(self.mesh, P())
-      abs_opt = jax.eval_shape(self.tx.init, abs_params)
+      init_opt = lambda p: self.tx.init(optim.trainable(p, t.trainable)[0])  # noqa: E731
+      abs_opt = jax.eval_shape(init_opt, abs_params)
       opt_sh = self.tx.row_state_shardings(shardings_like(abs_opt, abs_params, p_sh, replicated), p_sh)
-      opt = jax.jit(self.tx.init, out_shardings=opt_sh)(params)
+      opt = jax.jit(init_opt, out_shardings=opt_sh)(params)
       self.sync_save = self.host is not None or bool(jax.tree.leaves(opt["rows"]))  # row-sparse / host tables
       self.state = {"params": params, "rest": rest, "opt": opt,
                     "step": jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(self.mesh, P()))}
       state_sh = jax.tree.map(lambda x: x.sharding, self.state)
       batch_sh = {k: self.batch_sharding for k in self.fields} | ({"tables": replicated} if self.host else {})
-      self.step_fn = jax.jit(step_lib.make_train_step(graphdef, self.tx, self.lr, t.z_loss),
+      self.step_fn = jax.jit(step_lib.make_train_step(graphdef, self.tx, self.lr, t.z_loss, t.trainable),
                              in_shardings=(state_sh, batch_sh),
                              out_shardings=(state_sh, replicated) + ((replicated,) if self.host else ()),
                              donate_argnums=0)
@@ -197,6 +215,12 @@ class Trainer:
         raise ckpt_lib.CheckpointError(f"checkpoint {step} in {self.ckpt.directory} is unreadable")
       else:
         self._fresh_start(overwrite)
+    if t.init_from and self.start_step == 0:  # a fresh start: step 0 is the checkpoint's weights (adapters: init)
+      with jax.set_mesh(self.mesh):
+        model = nnx.merge(graphdef, self.state["params"], self.state["rest"])
+        model = nnx.merge(graphdef, hf.load_params(t.init_from, model), self.state["rest"])
+        adapters.reset_magnitudes(model)  # DoRA's m = ‖W‖_c of the loaded W: step 0 is the loaded model
+        self.state["params"] = jax.device_put(nnx.state(model, nnx.Param), p_sh)
 
   def _fresh_start(self, overwrite: bool) -> None:
     """Step 0 in a workdir: refuse (unless ``overwrite``) if it holds the logs of a run that left no
@@ -285,7 +309,8 @@ class Trainer:
 
   def summary_header(self) -> dict[str, Any]:
     c = self.cost
-    return {"params_total": self.params_total, "params_active_per_token": c.active_params,
+    return {"params_total": self.params_total, "params_trainable": self.params_trainable,
+            "params_active_per_token": c.active_params,
             "flops_per_token": c.flops, "train_flops_per_token": accounting.train_flops(c),
             "bytes_read_per_token": c.bytes_read, "decode_state_bytes_per_sequence": self.state_bytes,
             "devices": int(np.prod(self.exp.mesh.shape)),
@@ -329,8 +354,34 @@ class Trainer:
         print(f"pmem: resumed from the step-{self.start_step} checkpoint in {self.ckpt.directory}", flush=True)
     bar = _progress(t.steps, self.start_step, lead and t.progress)
     tokens = t.batch_size * t.seq_len
-    last_t, last_step, steady, data_s, data_total = time.perf_counter(), self.start_step, [], 0.0, 0.0
+    last_t, last_step, steady, data_s, sync_s, data_total = time.perf_counter(), self.start_step, [], 0.0, 0.0, 0.0
     results: dict[str, float] = {}
+    pending = None  # (step, metrics) of a logged step whose metrics are read once the next step is dispatched
+
+    def read(step: int, metrics) -> dict[str, float]:
+      nonlocal sync_s
+      t0 = time.perf_counter()
+      m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      sync_s += time.perf_counter() - t0
+      # the loss is that of the parameters entering this step, param_norm that of the parameters it produced
+      bad = [k for k in ("loss", "param_norm") if not math.isfinite(m[k])]
+      if bad:
+        raise self.nan_stop(bad[0], m[bad[0]], step)
+      return m
+
+    def report(step: int, m: dict[str, float]) -> None:
+      nonlocal last_t, last_step, data_s, sync_s, data_total
+      now = time.perf_counter()
+      m["tokens_per_s"] = tokens * (step - last_step) / (now - last_t)
+      m["data_fraction"] = data_s / (now - last_t)  # time waiting for batches / wall time
+      m["sync_fraction"] = sync_s / (now - last_t)  # time blocked reading metrics / wall time
+      data_total, data_s, sync_s = data_total + data_s, 0.0, 0.0
+      if last_step > self.start_step:  # exclude the compiling first interval
+        steady.append(m["tokens_per_s"])
+      last_t, last_step = now, step
+      log.metrics({"step": step, **m})
+      bar.set_postfix(step=step, loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
+
     try:
       with jax.set_mesh(self.mesh):
         for s in range(self.start_step, t.steps):
@@ -339,34 +390,27 @@ class Trainer:
           data_s += time.perf_counter() - t_data
           self.state, metrics = self.step_fn(self.state, batch)
           step = s + 1
+          if pending is not None:  # the previous step's metrics, read while this step runs
+            report(pending[0], read(*pending))
+            pending = None
           if self.ckpt is not None:
             self.ckpt.check()  # an asynchronous save that failed stops the run by the next step
           log_now = step % t.log_every == 0 or step == t.steps
           save_now = self.ckpt is not None and self.ckpt.should_save(step, t.steps)
-          if log_now or save_now:
-            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            # before saving, so the newest checkpoint is always a good one; the loss is that of the
-            # parameters entering this step, param_norm that of the parameters it produced
-            bad = [k for k in ("loss", "param_norm") if not math.isfinite(m[k])]
-            if bad:
-              raise self.nan_stop(bad[0], m[bad[0]], step)
-          if log_now:
-            now = time.perf_counter()
-            m["tokens_per_s"] = tokens * (step - last_step) / (now - last_t)
-            m["data_fraction"] = data_s / (now - last_t)  # time waiting for batches / wall time
-            data_total, data_s = data_total + data_s, 0.0
-            if last_step > self.start_step:  # exclude the compiling first interval
-              steady.append(m["tokens_per_s"])
-            last_t, last_step = now, step
-            log.metrics({"step": step, **m})
-            bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
+          eval_now = step == t.steps or (ev.every and step % ev.every == 0)
+          if save_now or eval_now:  # read now: a checkpoint is saved only after its step proved finite
+            m = read(step, metrics)
+            if log_now:
+              report(step, m)
+          elif log_now:
+            pending = step, metrics
           if save_now:
             self.ckpt.save(step, {**self.state, "host": self.host.arrays()} if self.host else self.state,
                            {"data": {"next_step": step, "iterator": self.it.get_state()},
                             "schedule_steps": self.schedule_steps})
             if self.sync_save:  # tables are saved without a copy: finish before the next step writes them
               self.ckpt.manager.wait_until_finished()
-          if step == t.steps or (ev.every and step % ev.every == 0):
+          if eval_now:
             results = self.evaluate()
             if results:
               log.metrics({"step": step, **results})
@@ -465,11 +509,11 @@ class _Lines:
   def update(self, n: int) -> None:
     self.n += n
 
-  def set_postfix(self, **kw) -> None:
-    done = self.n + 1 - self.start  # called before update() for this step
-    eta = (time.perf_counter() - self.t0) / max(done, 1) * (self.total - self.n - 1)
+  def set_postfix(self, step: int, **kw) -> None:
+    done = max(self.n, step) - self.start  # a logged step is shown just before or after its update()
+    eta = (time.perf_counter() - self.t0) / max(done, 1) * (self.total - self.start - done)
     fields = " ".join(f"{k}={v}" for k, v in kw.items())
-    print(f"step {self.n + 1}/{self.total} {fields} eta={eta:.0f}s", file=sys.stderr, flush=True)
+    print(f"step {step}/{self.total} {fields} eta={eta:.0f}s", file=sys.stderr, flush=True)
 
   def close(self) -> None:
     pass

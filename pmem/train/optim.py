@@ -12,6 +12,8 @@ Row-sparse tables are clipped jointly among themselves, dense tables among thems
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +21,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from pmem.core.variables import MemoryTable, is_variable
+from pmem.core.variables import MemoryTable, is_variable, name_of
 from pmem.train import sparse
 
 UPDATES = ("auto", "dense", "row_sparse")
@@ -96,6 +98,24 @@ def _dense_table_tx(t: TableOptimConfig, lr, eps: float) -> optax.GradientTransf
   parts = [_clip(t.clip_norm)]
   parts += ([direction[t.optimizer]] + decay) if t.optimizer == "adamw" else (decay + [direction[t.optimizer]])
   return optax.chain(*parts, optax.scale_by_learning_rate(lambda s: t.lr_mult * lr(s)))
+
+
+def trainable(params: nnx.State, patterns: Sequence[str]) -> tuple[nnx.State, nnx.State]:
+  """(the parameters whose path, ``/``-joined, matches a glob of ``patterns`` (fnmatch: ``*`` crosses ``/``);
+  the frozen rest).
+  Only the first part is differentiated and has optimizer state; the rest passes through a step
+  bit for bit. A scanned stage's variable stacks its layers, so it is trained or frozen whole."""
+  return nnx.split_state(params, lambda path, v: any(fnmatch.fnmatchcase(name_of(path), q) for q in patterns), ...)
+
+
+def check_trainable(params: nnx.State, patterns: Sequence[str]) -> None:
+  """One-line errors for a pattern that matches no parameter and for a selection that trains nothing."""
+  names = [name_of(p) for p, _ in nnx.to_flat_state(params)]
+  for q in patterns:
+    if not any(fnmatch.fnmatchcase(n, q) for n in names):
+      raise ValueError(f"train.trainable pattern {q!r} matches no parameter; the parameters: {', '.join(names)}")
+  if not patterns:
+    raise ValueError("train.trainable is empty: nothing would be trained (the default ('*',) trains everything)")
 
 
 def labels(params: nnx.State) -> nnx.State:

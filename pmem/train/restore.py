@@ -4,8 +4,10 @@ workdir, without optimizer, data iterator or any other training object.
 Reads ``config.json`` (the run's Fiddle config) and, read-only, the parameters of the newest
 checkpoint whose arrays read (or of ``step``) from ``checkpoints/`` (Orbax partial restore of the
 ``params`` and ``rest`` of the train state; host-resident tables come from the checkpoint's
-``host`` item as NumPy arrays, their variables holding placeholders as in training). Nothing in
-the workdir is written or moved.
+``host`` item as NumPy arrays, their variables holding placeholders as in training). A run with
+``train.init_from`` (an imported model, ``experiments.convert``) has a step 0: the model's init with
+those weights in place, loaded where it has no checkpoint yet or for ``step=0``. Nothing in the
+workdir is written or moved.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from pmem.core import variables
-from pmem.data.pipeline import Pipeline
+from pmem.data.pipeline import Pipeline, has_text
 from pmem.decode import Generator
+from pmem.layers import adapters
+from pmem.models import hf
 from pmem.models.decoder import Decoder
 from pmem.train import host_tables, optim
 from pmem.train.checkpoint import CheckpointError, _first_line
@@ -55,12 +59,22 @@ def config(workdir: str):
     return fdl.build(serialization.load_json(f.read()))
 
 
+def tokenizer(exp):
+  """The run's tokenizer (None for token-level data)."""
+  return Pipeline(exp.data, exp.train.seq_len, exp.train.batch_size, exp.seed).tokenizer if has_text(exp.data) else None
+
+
 def load(workdir: str, step: int | None = None) -> Loaded:
   """The model of ``workdir``'s newest readable checkpoint (or of ``step``); see the module docstring."""
   exp = config(workdir)
   directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
   steps = sorted((int(n) for n in os.listdir(directory) if n.isdigit()), reverse=True) \
       if os.path.isdir(directory) else []
+  if exp.train.init_from and (step == 0 or (step is None and not steps)):  # step 0: the initial weights
+    model = Decoder(exp.model, rngs=nnx.Rngs(exp.seed))  # parameters the checkpoint lacks (adapters): their init
+    nnx.update(model, hf.load_params(exp.train.init_from, model))
+    adapters.reset_magnitudes(model)  # as the Trainer's step 0
+    return Loaded(model, tokenizer(exp), exp, 0, {}, workdir)
   if not steps:
     raise CheckpointError(f"{workdir} has no checkpoint to load")
   if step is not None:
@@ -89,6 +103,5 @@ def load(workdir: str, step: int | None = None) -> Loaded:
       continue
     model = nnx.merge(graphdef, state["params"], state["rest"])
     arrays = {n: np.asarray(state["host"][n]["table"]) for n in host}
-    tok = Pipeline(exp.data, exp.train.seq_len, exp.train.batch_size, exp.seed).tokenizer
-    return Loaded(model, tok, exp, s, arrays, workdir)
+    return Loaded(model, tokenizer(exp), exp, s, arrays, workdir)
   raise CheckpointError(f"no readable checkpoint in {directory}: {'; '.join(errors)}")

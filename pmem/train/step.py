@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +43,12 @@ def forward_loss(graphdef: nnx.GraphDef, params, rest, batch, z_loss: float):
   return lm_loss(logits, batch["targets"], batch["loss_mask"], z_loss)
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optim.Optimizer, lr: optax.Schedule, z_loss: float) -> Callable:
-  """``step(state, batch) -> (state, metrics)``; state = {params, rest, opt, step}.
+def make_train_step(graphdef: nnx.GraphDef, tx: optim.Optimizer, lr: optax.Schedule, z_loss: float,
+                    trainable: Sequence[str] = ("*",)) -> Callable:
+  """``step(state, batch) -> (state, metrics)``; state = {params, rest, opt, step}. Only the
+  parameters ``trainable`` (glob patterns over their paths, :func:`optim.trainable`) are
+  differentiated and updated; ``state["opt"]`` covers only them and ``grad_norm`` / ``param_norm``
+  are theirs.
 
   Row-sparse tables (``tx.row_sparse``) are differentiated through their reads and updated in
   place on the rows the batch touched (:mod:`pmem.train.sparse`); for them ``grad_norm`` counts
@@ -55,15 +59,15 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optim.Optimizer, lr: optax.Sched
   (:mod:`pmem.train.host_tables`)."""
 
   def step(state, batch):
-    params = state["params"]
-    f = lambda p: forward_loss(graphdef, p, state["rest"], batch, z_loss)
+    params, frozen = optim.trainable(state["params"], trainable)
+    f = lambda p: forward_loss(graphdef, nnx.merge_state(p, frozen), state["rest"], batch, z_loss)
     (loss, aux), grads = sparse.value_and_grad(f, params, tx.row_sparse, staged(tx, batch))
     grads, host = tx.pop_host(grads)
     updates, opt = tx.update(grads, state["opt"], params, host_norm_sq=sparse.norm_sq(host))
     params = tx.apply_updates(params, updates)
     metrics = {"loss": loss, "ce": aux["ce"], "z": aux["z"], "grad_norm": tx.grad_norm(grads, host),
                "learning_rate": lr(state["step"]), "param_norm": tx.param_norm(params, updates)}
-    new = {"params": params, "rest": state["rest"], "opt": opt, "step": state["step"] + 1}
+    new = {"params": nnx.merge_state(params, frozen), "rest": state["rest"], "opt": opt, "step": state["step"] + 1}
     if not tx.host:
       return new, metrics
     return new, metrics, {"grads": host, "lr": tx.table_lr(state["opt"]["count"]),
