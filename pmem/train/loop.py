@@ -159,8 +159,8 @@ class Trainer:
       optim.check_trainable(abs_params, t.trainable)
       trained = optim.trainable(abs_params, t.trainable)[0]
       self.params_trainable = count_params(trained)
-      trained = {sparse.name_of(p) for p, _ in nnx.to_flat_state(trained)}
-      if frozen := [n for n in (self.host.tables if self.host else ()) if n not in trained]:
+      names = {sparse.name_of(p) for p, _ in nnx.to_flat_state(trained)}
+      if frozen := [n for n in (self.host.tables if self.host else ()) if n not in names]:
         raise ValueError(f"host-resident table {frozen[0]} is frozen by train.trainable; only device tables "
                          "can be frozen (raise train.optim.tables.device_budget_bytes)")
       on_device = self.host.placeholders if self.host else (lambda p: p)
