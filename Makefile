@@ -14,7 +14,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 find_python = $(shell for c in python$(1) python3 $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$(1)*/bin/python3 2>/dev/null | sort -V); do \
   command -v $$c >/dev/null 2>&1 && $$c -c 'import sys; v=sys.version_info[:2]; sys.exit(not ($(2)))' >/dev/null 2>&1 && { command -v $$c; break; }; done)
 
-.PHONY: run demo test test-slow test-all lint bench setup oracle clean
+.PHONY: run demo test test-slow test-all lint bench gpu-wheels setup oracle clean
 
 run: setup
 	$(PY) -m experiments.headline --out $(WORKDIR) $(ARGS)
@@ -41,6 +41,13 @@ test-all: setup oracle
 
 bench: setup oracle
 	$(PY) -m experiments.bench.throughput --out $(or $(OUT),runs/throughput.json)
+
+# wheels the lent GPU image lacks (it has jax, flax, optax, orbax, chex, tokenizers, safetensors), for
+# experiments/bench/gpu.sh to install offline there: carry .gpu-wheels with the run
+gpu-wheels: setup
+	$(PY) -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+	  --platform manylinux_2_28_x86_64 --no-deps -d .gpu-wheels fiddle==0.3.1 grain==0.2.18 graphviz==0.21 \
+	  libcst==1.9.0 array-record==0.8.6 portpicker==1.6.0
 
 setup: $(VENV)/.installed
 

@@ -80,7 +80,7 @@ RULES: dict[Any, dict[str, Rule]] = {  # config class -> field -> rule
                              "device_budget_bytes": OFF_OR_MORE, "max_unique": SIZE,
                              "implementation": _one_of(*sparse.ROW_IMPLEMENTATIONS)},
     MeshConfig: {"data": SIZE, "fsdp": SIZE, "tensor": SIZE},
-    DataConfig: {"corpus": _one_of(*corpus_lib.CORPORA, None), "corpus_weight": POSITIVE, "prefetch": OFF_OR_MORE},
+    DataConfig: {"corpus": _one_of(*corpus_lib.CORPORA, None), "corpus_weight": OFF_OR_MORE, "prefetch": OFF_OR_MORE},
     tok_lib.TokenizerConfig: {"kind": _one_of(*tok_lib.KINDS), "vocab_size": SIZE},
     BiosConfig: {"n_people": SIZE, "n_heldout_templates": OFF_OR_MORE, "weight": POSITIVE},
     MqarConfig: {"vocab_size": SIZE, "seq_len": SIZE, "num_kv_pairs": SIZE, "power_a": POSITIVE, "n_train": SIZE,

@@ -62,6 +62,7 @@ class Grid:
   # forward FLOPs/token equal the largest of theirs, so no memory model gets more compute than it
   match: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
   plot: str = "plot.png"  # file name of the plot under OUT
+  columns: tuple = COLUMNS  # results.md's columns: (heading, record path, format)
 
 
 # ------------------------------------------------------------------------------------- running
@@ -116,9 +117,10 @@ def run_one(cfg, cmds: list[str], workdir: str) -> None:
 
 
 def run(grid: Grid, out: str, seeds: int | None = None, overrides: Sequence[str] = (), quick: bool = False,
-        only: Sequence[str] | None = None, log=print) -> list[dict]:
+        only: Sequence[str] | None = None, log=print, head: Sequence[dict] = ()) -> list[dict]:
   """Runs every (variant, seed) not yet done (of the variants ``only``, default all), then writes
-  results.json / results.md / the plot over every finished run of the grid."""
+  results.json / results.md / the plot over every finished run of the grid, after the records
+  ``head`` (e.g. a reference model's evaluation)."""
   from configs.cli import ConfigError
   seeds = grid.seeds if seeds is None else seeds
   built = build_all(grid, seeds, overrides, quick)
@@ -137,8 +139,8 @@ def run(grid: Grid, out: str, seeds: int | None = None, overrides: Sequence[str]
     log(f"grid: [{i + 1}/{len(todo)}] {v}/seed{s}: " + " ".join(cmds))
     run_one(cfg, cmds, os.path.join(out, v, f"seed{s}"))
     done.add((v, s))
-  records = collect(out, [k for k in built if k in done])  # every finished run of the grid, in grid order
-  write(records, out, grid.name, grid.plot)
+  records = [*head, *collect(out, [k for k in built if k in done])]  # every finished run, in grid order
+  write(records, out, grid.name, grid.plot, grid.columns)
   log(f"grid: {len(todo)} runs in {time.perf_counter() - t0:.0f} s; wrote {out}/results.json, results.md, {grid.plot}")
   return records
 
@@ -201,10 +203,10 @@ def _cell(x: np.ndarray, fmt: str) -> str:
   return f"{format(x.mean(), fmt)} ± {format(x.std(ddof=1), fmt)}"
 
 
-def table(records: Sequence[dict]) -> str:
+def table(records: Sequence[dict], columns: Sequence[tuple] = COLUMNS) -> str:
   """Markdown: one row per variant, mean ± std over seeds (std with ddof=1) of every column."""
   keys = sorted({k for r in records for k in r.get("usage", {})})
-  cols = [*COLUMNS, *((k, "usage." + k, ".3f") for k in keys)]
+  cols = [*columns, *((k, "usage." + k, ".3f") for k in keys)]
   lines = ["| variant | seeds | " + " | ".join(c for c, _, _ in cols) + " |",
            "|---|---|" + "---|" * len(cols)]
   for v in variants(records):
@@ -294,11 +296,12 @@ def figure(records: Sequence[dict], title: str = ""):
   return fig
 
 
-def write(records: Sequence[dict], out: str, title: str, plot_name: str = "plot.png") -> None:
+def write(records: Sequence[dict], out: str, title: str, plot_name: str = "plot.png",
+          columns: Sequence[tuple] = COLUMNS) -> None:
   with open(os.path.join(out, "results.json"), "w") as f:
     json.dump(list(records), f, indent=2)
   with open(os.path.join(out, "results.md"), "w") as f:
-    f.write(f"# {title}\n\n{table(records)}\n")
+    f.write(f"# {title}\n\n{table(records, columns)}\n")
   figure(records, title).savefig(os.path.join(out, plot_name), dpi=110)
 
 
@@ -364,5 +367,5 @@ def main(grid: Grid, argv: Sequence[str] | None = None, default_out: str | None 
     os.makedirs(args.publish, exist_ok=True)
     for name in ("results.json", "results.md"):
       shutil.copyfile(os.path.join(args.out, name), os.path.join(args.publish, name))
-  print(table(records))
+  print(table(records, grid.columns))
   return records

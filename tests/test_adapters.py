@@ -68,6 +68,23 @@ def test_dora_magnitude_gets_a_gradient_and_b_starts_the_base(kind):
     assert_close(y, np.asarray(x, np.float64) @ np.asarray(w, np.float64), terms=D_IN + 8, k=0.5)
 
 
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_dropout_matches_its_equation_and_is_off_without_a_key(kind):
+  ad, w, x = _adapter(kind)
+  ad.cfg = dataclasses.replace(ad.cfg, dropout=0.25)
+  np.testing.assert_array_equal(ad(x, w, x @ w, None), ad(x, w, x @ w))  # no key (evaluation): no noise
+  key = jax.random.key(7)
+  keep = np.asarray(jax.random.bernoulli(key, 0.75, x.shape))  # the mask the layer draws from its key
+  assert 0 < keep.mean() < 1
+  f = lambda v: np.asarray(v, np.float64)
+  s, a, b, xd = ad.cfg.scale, f(ad.a[...]), f(ad.b[...]), np.where(keep, f(x) / 0.75, 0.0)
+  ref = f(x) @ f(w) + s * xd @ a @ b  # LoRA §4.2: dropout on the adapter's input only
+  if kind == "dora":  # PEFT's DoRA: the magnitude scales the dropped input's base output
+    g = f(ad.m[...]) / np.linalg.norm(f(w) + s * a @ b, axis=0)
+    ref = f(x) @ f(w) + (g - 1) * (xd @ f(w)) + g * s * (xd @ a @ b)
+  assert_close(ad(x, w, x @ w, key), ref, terms=D_IN + 2 * R + 8, k=0.5)
+
+
 def _tiny(kind: str, targets=("wq", "wv", "w_up", "w_down")):
   cfg = fdl.build(cli.build_config(["config:tiny"]).model)
   return cfg, dataclasses.replace(cfg, adapter=AdapterConfig(kind=kind, rank=4, targets=targets))
@@ -130,3 +147,33 @@ def test_export_merges_the_adapters_into_the_weights(kind, tmp_path):
   y, y_merged = model(ids, _ctx(ids)), merged(ids, _ctx(ids))
   assert_close(y_merged, y, terms=4 * (base_cfg.d_model + 16) * base_cfg.n_layers)
   assert len(model.stages[0].blocks.ch.adapters) == 2  # the model itself keeps its adapters
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_dropout_keys_follow_the_layer_scanned_or_unrolled(kind):
+  from pmem.models.decoder import unroll
+  _, cfg = _tiny(kind)
+  model = Decoder(dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, dropout=0.5)), rngs=nnx.Rngs(0))
+  for i, (_, v) in enumerate(p for p in nnx.to_flat_state(nnx.state(model, nnx.Param)) if "adapters" in p[0]):
+    v[...] = v[...] + 0.05 * jax.random.normal(jax.random.key(i), v.shape)  # B != 0: dropout shows
+  ids = (jnp.arange(24).reshape(2, 12) * 37) % cfg.vocab
+  train = lambda m, k: m(ids, dataclasses.replace(_ctx(ids), rng=jax.random.key(k)))  # noqa: E731
+  y0, y1 = train(model, 0), train(model, 1)
+  assert float(jnp.abs(y0 - y1).max()) > 1e-3  # a new step's key draws new masks
+  np.testing.assert_array_equal(y0, train(model, 0))  # the same key the same masks
+  assert float(jnp.abs(y0 - model(ids, _ctx(ids))).max()) > 1e-3  # evaluation has none
+  flat = unroll(model)[0]  # the same layers, built one by one: each folds in its own layer index
+  assert_close(train(flat, 0), y0, terms=4 * (cfg.d_model + 16) * cfg.n_layers)
+  assert float(jnp.abs(train(flat, 0) - train(flat, 1)).max()) > 1e-3
+
+
+def test_training_with_dropout_is_a_function_of_the_step():
+  cmds = ["config:tiny", "fiddler:lora(rank=4, targets=('w_up', 'w_down'), dropout=0.5)", "set:train.steps=3",
+          "set:train.progress=False", "set:eval.valid_batches=0"]
+  runs = [Trainer(fdl.build(cli.build_config(c))) for c in (cmds, cmds, [*cmds, "set:model.adapter.dropout=0.0"])]
+  out = [t.run() for t in runs]
+  flat = lambda t: [np.asarray(v.get_value()) for _, v in nnx.to_flat_state(t.state["params"])]  # noqa: E731
+  for a, b in zip(flat(runs[0]), flat(runs[1])):
+    np.testing.assert_array_equal(a, b)  # the masks come from (seed, step): reruns are bit-identical
+  assert any(not np.array_equal(a, b) for a, b in zip(flat(runs[0]), flat(runs[2])))  # and they are drawn
+  assert out[0]["final_loss"] != out[2]["final_loss"]

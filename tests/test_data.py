@@ -1,10 +1,13 @@
 """The Grain pipeline: packed windows, loss masks, determinism, global shuffle, mixture weights,
 per-process rows, checkpointable iterator state, and id checks at the boundary."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from pmem.data import pipeline as pipe
+from pmem.data.tasks.bios import BiosConfig
 from pmem.data.tasks.mqar import MqarConfig
 from pmem.data.tokenizer import TokenizerConfig
 
@@ -104,10 +107,24 @@ def test_iterator_state_restores_the_same_stream(mqar_pipeline):
 
 
 def test_bad_configs_fail_clearly():
-  with pytest.raises(ValueError, match="no source"):
+  with pytest.raises(ValueError, match="no training source"):
     pipe.Pipeline(pipe.DataConfig(corpus=None), 16, 4, 0)
+  with pytest.raises(ValueError, match="no training source"):
+    pipe.Pipeline(pipe.DataConfig(corpus_weight=0.0), 16, 4, 0)
   with pytest.raises(ValueError, match="weights must be > 0"):
-    pipe.Pipeline(pipe.DataConfig(corpus_weight=0.0, mqar=MqarConfig(vocab_size=256, seq_len=32)), 32, 4, 0)
+    pipe.Pipeline(pipe.DataConfig(mqar=MqarConfig(vocab_size=256, seq_len=32, weight=0.0)), 32, 4, 0)
+
+
+def test_a_zero_corpus_weight_holds_the_corpus_out():
+  cfg = pipe.DataConfig(corpus="shakespeare", corpus_weight=0.0, tokenizer=TokenizerConfig(kind="byte"),
+                        bios=BiosConfig(n_people=5))
+  p = pipe.Pipeline(cfg, 64, 4, 0)
+  both = pipe.Pipeline(dataclasses.replace(cfg, corpus_weight=1.0), 64, 4, 0)
+  bios_only = pipe.Pipeline(dataclasses.replace(cfg, corpus=None), 64, 4, 0)
+  for step in range(3):  # training rows: the bios alone, as if there were no corpus
+    for k in pipe.FIELDS:
+      np.testing.assert_array_equal(p.rows(step, range(4))[k], bios_only.rows(step, range(4))[k])
+  assert len(p.valid_windows()) == len(both.valid_windows()) > 0  # the held-out text is still scored
 
 
 def test_corpus_token_cache_is_keyed_by_the_tokenizer(tmp_path, monkeypatch):

@@ -135,3 +135,28 @@ def test_headline_quick(tmp_path):
   flops = {x["variant"]: x["flops_per_token"] for x in records}
   assert flops["dense"] >= max(flops.values()) * 0.99  # matched to the largest memory model
   assert (tmp_path / "headline.png").exists() and "stem vs dense on eval.valid/bpb" in r.stdout
+
+
+@pytest.mark.slow
+def test_adapters_quick(tmp_path):
+  # every stage at toy size: pretrain, HF export + import, the pretrained record, a full and a LoRA fine-tune
+  from experiments import adapters
+  launch("experiments.adapters", "--quick", "--seeds", "1", "--only", "full,lora_r4", "--out", str(tmp_path))
+  assert (tmp_path / "hf" / "tokenizer.json").exists() and (tmp_path / "base" / "hf" / "model.safetensors").exists()
+  records = adapters.load(tmp_path)
+  assert [r["variant"] for r in records] == ["pretrained", "full", "lora_r4"]
+  base, full, lora = records
+  assert base["params_trainable"] == 0 and base["steps"] == 0
+  assert 0 < lora["params_trainable"] < full["params_trainable"] == full["params_total"]
+  for r in (full, lora):  # Adam's two moments per trained parameter, in float32, and a few scalars
+    assert 8 * r["params_trainable"] <= r["optimizer_bytes"] < 8 * r["params_trainable"] + 1024
+  assert all(np.isfinite(r["eval"]["valid/bpb"]) and "bios/acc/seen" in r["eval"] for r in records)
+  assert any(line.startswith("lora_r4: optimizer state") for line in adapters.verdicts(records))
+  launch("experiments.adapters", "--quick", "--seeds", "1", "--only", "full,lora_r4", "--out", str(tmp_path))
+  assert adapters.load(tmp_path) == records  # a rerun trains nothing again
+
+
+def test_adapters_launcher_refuses_unknown_variants(tmp_path):
+  r = subprocess.run([sys.executable, "-m", "experiments.adapters", "--quick", "--only", "lora_r5", "--out",
+                      str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert r.returncode != 0 and "unknown variant 'lora_r5'" in r.stderr and not any(tmp_path.iterdir())

@@ -41,6 +41,7 @@ CASES = {
     "hybrid": ("fiddler:hybrid(pattern='GA', G='mamba2')",),
     "lora": ("fiddler:lora(rank=4)",),
     "dora": ("fiddler:dora(rank=4, targets=('wq', 'w_up'))",),
+    "bios_finetune": ("fiddler:bios_finetune(n_people=4)",),  # data only: the model is unchanged
 }
 # a size change applied after the fiddler (the bug: fiddlers copied these at config time)
 CHANGES = ("set:model.vocab=512", "set:model.n_layers=6", "set:model.d_model=96")

@@ -52,3 +52,12 @@ def test_committed_recall_notebook_shows_the_committed_results():
     seeds.setdefault((r["task"], r["mixer"], r["d_model"], r["kv"], r["T"]), set()).add(r["seed"])
   assert min(map(len, seeds.values())) >= 2, f"fewer than 2 seeds: {seeds}"
   assert _shows("recall", records, recall.table(records), {"recall": recall}).startswith("(a) ")
+
+
+def test_committed_adapters_notebook_shows_the_committed_results():
+  from experiments import adapters
+  records = adapters.load(ROOT / "docs" / "results" / "adapters")
+  seeds = {v: sum(r["variant"] == v for r in records) for v in grid.variants(records) if v != "pretrained"}
+  assert set(seeds) == set(adapters.VARIANTS) and min(seeds.values()) >= 2, f"fewer than 2 seeds: {seeds}"
+  printed = _shows("adapters", records, grid.table(records, adapters.COLUMNS), {"adapters": adapters})
+  assert printed.count("=> ") == 9

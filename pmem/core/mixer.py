@@ -16,7 +16,7 @@ a ``MemoryTable``'s ``index=`` (so its rows can be staged from the host).
 
 **Model facts.** The decoder owns the facts of the model (:data:`FACTS`: ``vocab``, ``d_model``,
 ``n_layers``, ``layer`` (the block's index), ``out_scale`` (the depth factor of output projections),
-``dtype``, ``adapter`` (LoRA / DoRA, pmem.layers.adapters)) and hands each factory the ones its signature names; a module's config names only what
+``dtype``, ``adapter`` (LoRA / DoRA, pmem.layers.adapters), ``kernel_impl``) and hands each factory the ones its signature names; a module's config names only what
 is its own, so a later ``set:model.vocab=...`` reaches every table. A config that binds a fact
 itself must agree with the model, else :func:`build` refuses it naming both values. ``d_ff`` (the
 width of the model's default channel mixer) is a default: given to a factory that takes ``d_ff``
@@ -66,6 +66,13 @@ class TokenContext:
   positions: Int[Array, "B T"]
   segment_ids: Int[Array, "B T"]  # 0 = padding; packed documents have distinct ids
   features: dict[str, Any] = dataclasses.field(default_factory=dict)  # host-side features
+  # a training step's key for training-time noise (adapter dropout), which the decoder folds with the
+  # layer's and the mixer's index (:meth:`folded`); None (evaluation, decoding): no noise
+  rng: jax.Array | None = None
+
+  def folded(self, n) -> "TokenContext":
+    """This context with its key (if any) folded with ``n``."""
+    return self if self.rng is None else dataclasses.replace(self, rng=jax.random.fold_in(self.rng, n))
 
 
 class ChannelMixer(Protocol):
@@ -77,7 +84,7 @@ class ChannelMixer(Protocol):
     ...
 
 
-FACTS = ("vocab", "d_model", "n_layers", "layer", "out_scale", "dtype", "adapter")  # owned by the decoder
+FACTS = ("vocab", "d_model", "n_layers", "layer", "out_scale", "dtype", "adapter", "kernel_impl")  # owned by the decoder
 DEFAULTS = ("d_ff",)  # given where the factory leaves them unset
 
 

@@ -37,7 +37,7 @@ FIELDS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   corpus: str | None = "english"  # pmem.data.corpus.CORPORA, or None for tasks only
-  corpus_weight: float = 1.0
+  corpus_weight: float = 1.0  # 0: the corpus is held out only (valid bpb, e.g. forgetting while fine-tuning)
   tokenizer: tok_lib.TokenizerConfig = tok_lib.TokenizerConfig()
   bios: bios_lib.BiosConfig | None = None
   mqar: mqar_lib.MqarConfig | None = None
@@ -211,14 +211,15 @@ class Pipeline:
     self.cfg, self.t, self.b, self.seed = cfg, seq_len, batch_size, seed
     self.tasks = {k: cls(c) for k, cls, c in (("bios", bios_lib.Bios, cfg.bios), ("mqar", mqar_lib.Mqar, cfg.mqar),
                                                ("passkey", passkey_lib.Passkey, cfg.passkey)) if c is not None}
-    if cfg.corpus is None and not self.tasks:
-      raise ValueError("data has no source: set data.corpus or configure a task (data.bios/mqar/passkey)")
+    if (cfg.corpus is None or cfg.corpus_weight == 0) and not self.tasks:
+      raise ValueError("data has no training source: set data.corpus (with data.corpus_weight > 0) or configure "
+                       "a task (data.bios/mqar/passkey)")
     self.tokenizer = tok_lib.build(cfg.tokenizer, self._tokenizer_texts, self._tokenizer_key()) \
         if has_text(cfg) else None
     self.vocab = max(([self.tokenizer.vocab_size] if self.tokenizer else []) +
                      ([cfg.mqar.vocab_size] if cfg.mqar else []))
     parts, weights = [], []
-    if cfg.corpus is not None:
+    if cfg.corpus is not None and cfg.corpus_weight > 0:
       parts.append(Windows(CorpusDocs(cfg.corpus, "train", self.tokenizer), seq_len, seed, "corpus", pack=True))
       weights.append(cfg.corpus_weight)
     for k, task in self.tasks.items():

@@ -12,7 +12,9 @@ A projection ``base = x W`` (``W`` viewed 2-D as ``[d_in, d_out]``, pmem's [in, 
 and treated as a constant in the backward (DoRA §4.3, as PEFT); ``m [d_out]`` starts at ``‖W‖_c`` so
 ``g = 1`` at step 0 — after loading other base weights, :func:`reset_magnitudes` sets it again.
 ``dora_compose`` adds ``(g − 1) ⊙ base + g ⊙ (s·lora)`` in float32 (the naive ``g ⊙ (base + s·lora) −
-base`` cancels at g ≈ 1). Adapters live in the module's ``adapters`` dict under the projection's name
+base`` cancels at g ≈ 1). ``dropout`` p (training steps only: a context key, ``TokenContext.rng``) drops
+the adapter's input, ``x̃ = mask ⊙ x / (1 − p)``, a fresh mask per projection, layer and step (LoRA §4.2):
+LoRA ``y = base + s·(x̃ A) B``; DoRA, as PEFT, ``y = base + (g − 1) ⊙ x̃ W + g ⊙ s·(x̃ A) B``. Adapters live in the module's ``adapters`` dict under the projection's name
 (paths ``.../adapters/<target>/{a,b,m}``; ``train.trainable=('*/adapters/*',)`` trains only them).
 """
 
@@ -43,6 +45,7 @@ class AdapterConfig:
   # A's init: "kaiming" (PEFT's default, kaiming-uniform with a = sqrt(5): U(±1/sqrt(d_in))), "gaussian" (N(0, 1/r²))
   init: str = "kaiming"
   implementation: str = "xla"  # kernels.dora_compose's
+  dropout: float = 0.0  # probability of dropping an input element of the adapter path (training only)
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -51,6 +54,8 @@ class AdapterConfig:
       raise ValueError(f"adapter init must be one of {INITS}, got {self.init!r}")
     if self.rank < 1 or self.alpha <= 0:
       raise ValueError(f"adapter rank must be >= 1 and alpha > 0, got rank={self.rank}, alpha={self.alpha}")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"adapter dropout must be in [0, 1), got {self.dropout}")
 
   @property
   def scale(self) -> float:
@@ -72,14 +77,19 @@ class Adapter(nnx.Module):
       self.m = nnx.Param(jnp.linalg.norm(w2.astype(jnp.float32), axis=0), axes=(axes[1],))
 
   def __call__(self, x2: Float[Array, "N d_in"], w2: Float[Array, "d_in d_out"],
-               base: Float[Array, "N d_out"]) -> Float[Array, "N d_out"]:
-    s, dt = self.cfg.scale, base.dtype
+               base: Float[Array, "N d_out"], rng: jax.Array | None = None) -> Float[Array, "N d_out"]:
+    """``x2 @ W`` (given as ``base``) adapted; ``rng``: the dropout key (None: no dropout)."""
+    s, dt, p = self.cfg.scale, base.dtype, self.cfg.dropout
+    drop = rng is not None and p > 0
+    if drop:
+      x2 = jnp.where(jax.random.bernoulli(rng, 1.0 - p, x2.shape), x2 / (1.0 - p), 0).astype(x2.dtype)
     lora = (x2 @ self.a[...].astype(dt)) @ self.b[...].astype(dt)
     if self.cfg.kind == "lora":
       return base + s * lora
     a, b = self.a[...].astype(w2.dtype), self.b[...].astype(w2.dtype)
     g = self.m[...] / jax.lax.stop_gradient(kernels.dora_norm(w2, a, b, s))
-    return base + kernels.dora_compose(base, lora, g, s, implementation=self.cfg.implementation)
+    scaled = x2 @ w2 if drop else base  # PEFT: the magnitude scales the dropped input's base output
+    return base + kernels.dora_compose(scaled, lora, g, s, implementation=self.cfg.implementation)
 
   def merge(self, w2: Float[Array, "... d_in d_out"]) -> Float[Array, "... d_in d_out"]:
     """The adapted weight, ``x merge(W) = y`` (for export); leading stacked-layer dims map over layers."""
@@ -105,11 +115,16 @@ def build(cfg: AdapterConfig | None, module: nnx.Module, names: tuple[str, ...],
                    for k in names if k in cfg.targets})
 
 
-def project(module: nnx.Module, name: str, x2: Float[Array, "N d_in"]) -> Float[Array, "N d_out"]:
-  """``x2 @ W`` for the projection ``name`` of ``module`` (``weight2d``), through its adapter if it has one."""
+def project(module: nnx.Module, name: str, x2: Float[Array, "N d_in"],
+            rng: jax.Array | None = None) -> Float[Array, "N d_out"]:
+  """``x2 @ W`` for the projection ``name`` of ``module`` (``weight2d``), through its adapter if it has
+  one; ``rng`` (the layer's ``TokenContext.rng``) is folded with the projection's index in ``AXES``."""
   w2 = module.weight2d(name).astype(x2.dtype)
   base = x2 @ w2
-  return module.adapters[name](x2, w2, base) if name in module.adapters else base
+  if name not in module.adapters:
+    return base
+  rng = None if rng is None else jax.random.fold_in(rng, list(module.AXES).index(name))
+  return module.adapters[name](x2, w2, base, rng)
 
 
 def cost(module: nnx.Module) -> accounting.Cost:

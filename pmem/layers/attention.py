@@ -101,9 +101,9 @@ class Attention(nnx.Module):
     dt, (b, t, d) = self.dtype, x.shape
     n, nkv, h = self.n_heads, self.n_kv_heads, self.head_dim
     x2 = x.astype(dt).reshape(b * t, d)  # 2-D matmuls (faster than 3-D einsums on XLA:CPU)
-    q = adapters.project(self, "wq", x2).reshape(b, t, n, h)
-    k = adapters.project(self, "wk", x2).reshape(b, t, nkv, h)
-    v = adapters.project(self, "wv", x2).reshape(b, t, nkv, h)
+    q = adapters.project(self, "wq", x2, ctx.rng).reshape(b, t, n, h)
+    k = adapters.project(self, "wk", x2, ctx.rng).reshape(b, t, nkv, h)
+    v = adapters.project(self, "wv", x2, ctx.rng).reshape(b, t, nkv, h)
     if self.qkv_bias:
       q, k, v = (y + bias[...].astype(dt) for y, bias in ((q, self.bq), (k, self.bk), (v, self.bv)))
     v = self.mix_values(v, x.astype(dt), ctx)
@@ -126,7 +126,7 @@ class Attention(nnx.Module):
       o = jax.nn.dot_product_attention(q, keys, vals, mask=mask)
       state = self._write(c, k, v, ctx)
     o = constrain(o, ("batch", "length", "act_heads", None))
-    y = adapters.project(self, "wo", o.reshape(b * t, n * h))
+    y = adapters.project(self, "wo", o.reshape(b * t, n * h), ctx.rng)
     y = constrain(y.reshape(b, t, d), ("batch", "length", "embed"))
     return y if state is None else (y, state)
 

@@ -67,7 +67,7 @@ class DecoderConfig:
   scan_layers: bool = True
   remat: str = "none"
   dtype: str = "float32"
-  kernel_impl: str = "xla"  # residual add + RMSNorm: kernels.IMPLEMENTATIONS ("xla", "pallas", "auto", ...)
+  kernel_impl: str = "xla"  # residual add + RMSNorm, attention: kernels.IMPLEMENTATIONS ("xla", "pallas", "auto", ...)
   # modules computed once per forward from the token ids and handed to every layer as
   # ``ctx.features[name]`` (e.g. MoVE's value bank shared across attention layers)
   shared: tuple[tuple[str, Factory], ...] = ()
@@ -147,7 +147,7 @@ def facts(cfg: DecoderConfig, layer: int | None = None) -> dict[str, Any]:
   ``layer=None`` for the shared per-forward modules."""
   out = dict(vocab=cfg.vocab, d_model=cfg.d_model, n_layers=cfg.n_layers, dtype=cfg.dtype)
   if layer is not None:
-    out.update(layer=layer, out_scale=(2 * cfg.n_layers) ** -0.5, adapter=cfg.adapter)
+    out.update(layer=layer, out_scale=(2 * cfg.n_layers) ** -0.5, adapter=cfg.adapter, kernel_impl=cfg.kernel_impl)
   base = _resolve(cfg.channel_mixer, CHANNEL_MIXERS)
   if isinstance(base, functools.partial) and "d_ff" in base.keywords:
     out["d_ff"] = base.keywords["d_ff"]
@@ -188,10 +188,11 @@ class Block(nnx.Module):
     new = {} if state is not None else None
     h = norms[0](x)
     for i, (key, m) in enumerate(mixers):
+      cx = ctx.folded(i)  # each mixer its own dropout key
       if state is not None and key in state:
-        y, new[key] = m(h, ctx, state[key])
+        y, new[key] = m(h, cx, state[key])
       else:
-        y = m(h, ctx)
+        y = m(h, cx)
       chex.assert_equal_shape([x, y])  # every mixer maps [B, T, D] -> [B, T, D]
       if i + 1 < len(mixers):  # the residual add fused with the next branch's norm
         h, x = norms[i + 1].add_and_norm(y.astype(x.dtype), x)
@@ -258,17 +259,18 @@ class Stage(nnx.Module):
 
   def __call__(self, x: Float[Array, "B T D"], ctx: TokenContext, cache=None):
     """``x`` after the stage; with ``cache`` (:meth:`init_state`), ``(x, new_cache)``."""
-    def apply(block, h, c):
-      return block(h, ctx) if c is None else block(h, ctx, c)
+    def apply(block, h, c, layer):  # ``layer``: the block's index in the model (its dropout key)
+      cx = ctx.folded(layer)
+      return block(h, cx) if c is None else block(h, cx, c)
     if self.remat:
       apply = jax.checkpoint(apply, policy=self.policy)
 
-    def run(unit, h, c):  # one repetition (a block, or each block of a period in turn)
+    def run(unit, h, c, layer):  # one repetition (a block, or each block of a period in turn)
       if not isinstance(unit, Period):
-        return apply(unit, h, c)
+        return apply(unit, h, c, layer)
       out = []
       for j, block in enumerate(unit.blocks):
-        r = apply(block, h, None if c is None else c[j])
+        r = apply(block, h, None if c is None else c[j], layer + j)
         h = r if c is None else r[0]
         out.append(None if c is None else r[1])
       return h if c is None else (h, out)
@@ -277,24 +279,25 @@ class Stage(nnx.Module):
       out = []
       for i, block in enumerate(self.blocks):
         if cache is None:
-          x = run(block, x, None)
+          x = run(block, x, None, self.start + i)
         else:
-          x, c = run(block, x, cache[i])
+          x, c = run(block, x, cache[i], self.start + i)
           out.append(c)
       return x if cache is None else (x, out)
     graphdef, state = nnx.split(self.blocks)
+    first = self.start + self.period * jnp.arange(self.n)  # each repetition's first layer
     layer = lambda i, tree: jax.tree.map(lambda a: a[i], tree)  # noqa: E731
     if diagnostics.active():  # unrolled, so values the layers record need not leave a scan
       out = []
       for i in range(self.n):
-        r = run(nnx.merge(graphdef, layer(i, state)), x, None if cache is None else layer(i, cache))
+        r = run(nnx.merge(graphdef, layer(i, state)), x, None if cache is None else layer(i, cache), first[i])
         x = r if cache is None else r[0]
         out.append(None if cache is None else r[1])
       return x if cache is None else (x, jax.tree.map(lambda *a: jnp.stack(a), *out))
     if cache is None:
-      x, _ = jax.lax.scan(lambda h, s: (run(nnx.merge(graphdef, s), h, None), None), x, state)
+      x, _ = jax.lax.scan(lambda h, s: (run(nnx.merge(graphdef, s[0]), h, None, s[1]), None), x, (state, first))
       return x
-    return jax.lax.scan(lambda h, sc: run(nnx.merge(graphdef, sc[0]), h, sc[1]), x, (state, cache))
+    return jax.lax.scan(lambda h, s: run(nnx.merge(graphdef, s[0]), h, s[1], s[2]), x, (state, cache, first))
 
   def cost(self, seq_len: int) -> accounting.Cost:
     unit = self.blocks if self.scan else self.blocks[0]  # costs depend on static sizes only

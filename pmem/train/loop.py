@@ -178,7 +178,7 @@ class Trainer:
                     "step": jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(self.mesh, P()))}
       state_sh = jax.tree.map(lambda x: x.sharding, self.state)
       batch_sh = {k: self.batch_sharding for k in self.fields} | ({"tables": replicated} if self.host else {})
-      self.step_fn = jax.jit(step_lib.make_train_step(graphdef, self.tx, self.lr, t.z_loss, t.trainable),
+      self.step_fn = jax.jit(step_lib.make_train_step(graphdef, self.tx, self.lr, t.z_loss, t.trainable, exp.seed),
                              in_shardings=(state_sh, batch_sh),
                              out_shardings=(state_sh, replicated) + ((replicated,) if self.host else ()),
                              donate_argnums=0)
@@ -310,6 +310,7 @@ class Trainer:
   def summary_header(self) -> dict[str, Any]:
     c = self.cost
     return {"params_total": self.params_total, "params_trainable": self.params_trainable,
+            "optimizer_bytes": sum(x.nbytes for x in jax.tree.leaves(self.state["opt"])),
             "params_active_per_token": c.active_params,
             "flops_per_token": c.flops, "train_flops_per_token": accounting.train_flops(c),
             "bytes_read_per_token": c.bytes_read, "decode_state_bytes_per_sequence": self.state_bytes,

@@ -28,27 +28,29 @@ def lm_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array, z_loss: floa
   return ce_mean + z_loss * z, {"ce": ce_mean, "z": z, "tokens": mask.sum()}
 
 
-def context(batch) -> TokenContext:
+def context(batch, rng: jax.Array | None = None) -> TokenContext:
   """The token context of a device batch: every field beyond the pipeline's (and the host tables'
-  staged rows) is a host-computed feature (pmem.core.mixer.batch_features)."""
+  staged rows) is a host-computed feature (pmem.core.mixer.batch_features); ``rng``: a training
+  step's noise key (TokenContext.rng)."""
   features = {k: v for k, v in batch.items() if k not in FIELDS and k != "tables"}
-  return TokenContext(batch["inputs"], batch["positions"], batch["segment_ids"], features)
+  return TokenContext(batch["inputs"], batch["positions"], batch["segment_ids"], features, rng)
 
 
-def forward_loss(graphdef: nnx.GraphDef, params, rest, batch, z_loss: float):
+def forward_loss(graphdef: nnx.GraphDef, params, rest, batch, z_loss: float, rng: jax.Array | None = None):
   model = nnx.merge(graphdef, params, rest)
-  ctx = context(batch)
+  ctx = context(batch, rng)
   with trusted_ids():  # Trainer.to_device checked them on the host
     logits = model(batch["inputs"], ctx)
   return lm_loss(logits, batch["targets"], batch["loss_mask"], z_loss)
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optim.Optimizer, lr: optax.Schedule, z_loss: float,
-                    trainable: Sequence[str] = ("*",)) -> Callable:
+                    trainable: Sequence[str] = ("*",), seed: int = 0) -> Callable:
   """``step(state, batch) -> (state, metrics)``; state = {params, rest, opt, step}. Only the
   parameters ``trainable`` (glob patterns over their paths, :func:`optim.trainable`) are
   differentiated and updated; ``state["opt"]`` covers only them and ``grad_norm`` / ``param_norm``
-  are theirs.
+  are theirs. The model's noise key (adapter dropout) is ``fold_in(key(seed), step)``: a function of
+  the step alone, so a resumed run draws the same masks.
 
   Row-sparse tables (``tx.row_sparse``) are differentiated through their reads and updated in
   place on the rows the batch touched (:mod:`pmem.train.sparse`); for them ``grad_norm`` counts
@@ -60,7 +62,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optim.Optimizer, lr: optax.Sched
 
   def step(state, batch):
     params, frozen = optim.trainable(state["params"], trainable)
-    f = lambda p: forward_loss(graphdef, nnx.merge_state(p, frozen), state["rest"], batch, z_loss)
+    rng = jax.random.fold_in(jax.random.key(seed), state["step"])
+    f = lambda p: forward_loss(graphdef, nnx.merge_state(p, frozen), state["rest"], batch, z_loss, rng)
     (loss, aux), grads = sparse.value_and_grad(f, params, tx.row_sparse, staged(tx, batch))
     grads, host = tx.pop_host(grads)
     updates, opt = tx.update(grads, state["opt"], params, host_norm_sq=sparse.norm_sq(host))
