@@ -340,7 +340,10 @@ def compile_cache() -> None:
   jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax"))
 
 
-def main(grid: Grid, argv: Sequence[str] | None = None, default_out: str | None = None) -> list[dict] | None:
+def main(grid: Grid, argv: Sequence[str] | None = None, default_out: str | None = None,
+         stage=None) -> list[dict] | None:
+  """The grid's CLI. ``stage(args, overrides) -> (grid, head records)``, if given, runs before the grid
+  (e.g. a model the grid starts from) and returns the grid to run and the records listed first."""
   args = parser(grid, default_out or f"runs/{grid.name}").parse_args(argv)
   from configs.cli import ConfigError
   if args.list:
@@ -360,8 +363,9 @@ def main(grid: Grid, argv: Sequence[str] | None = None, default_out: str | None 
   compile_cache()
   over = list(args.config) + ([f"set:train.steps={args.steps}"] if args.steps is not None else [])
   try:
-    records = run(grid, args.out, args.seeds, over, args.quick, only)
-  except ConfigError as e:
+    grid, head = stage(args, over) if stage else (grid, [])
+    records = run(grid, args.out, args.seeds, over, args.quick, only, head=head)
+  except (ConfigError, ValueError) as e:
     sys.exit(f"error: {e.args[0] if e.args else e}")
   if args.publish:
     os.makedirs(args.publish, exist_ok=True)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from collections.abc import Sequence
 
 from experiments import grid
@@ -92,48 +91,35 @@ def prepare(out: str, quick: bool = False, log=print) -> None:
     convert.import_hf(hf, base)
 
 
-def pretrained(g: grid.Grid, out: str, quick: bool = False) -> dict:
-  """Stage 4: the imported model's evaluation before fine-tuning (cached in ``OUT/pretrained.json``)."""
-  path = os.path.join(out, "pretrained.json")
-  if not os.path.exists(path):
-    import fiddle as fdl
-    from pmem.train.loop import Trainer
-    cfg = grid.build_all(g, 1, quick=quick)["full", 0][1]
-    t = Trainer(fdl.build(cfg))  # step 0: the imported weights
-    head = t.summary_header()
-    rec = {"variant": "pretrained", "seed": 0, "steps": 0, "params_total": head["params_total"],
-           "params_trainable": 0, "eval": t.evaluate(), "usage": {}}
-    with open(path, "w") as f:
-      json.dump(rec, f, indent=2)
-  with open(path) as f:
-    return json.load(f)
+def pretrained(g: grid.Grid, out: str, overrides: Sequence[str] = (), quick: bool = False) -> dict:
+  """Stage 4: the imported model's evaluation before fine-tuning, under the ``full`` variant's commands
+  (cached in ``OUT/pretrained.json`` with them; other commands evaluate again)."""
+  path, cmds = os.path.join(out, "pretrained.json"), grid.commands(g, "full", 0, overrides, quick)
+  if os.path.exists(path):
+    with open(path) as f:
+      rec = json.load(f)
+    if rec.get("commands") == cmds:
+      return rec
+  import fiddle as fdl
+  from configs import cli
+  from pmem.train.loop import Trainer
+  t = Trainer(fdl.build(cli.build_config(cmds)))  # step 0: the imported weights
+  rec = {"variant": "pretrained", "seed": 0, "commands": cmds, "steps": 0, "params_total": t.params_total,
+         "params_trainable": 0, "eval": t.evaluate(), "usage": {}}
+  with open(path, "w") as f:
+    json.dump(rec, f, indent=2)
+  return rec
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict]:
-  from configs.cli import ConfigError
-  ap = grid.parser(make_grid("OUT"), "runs/adapters")
-  args = ap.parse_args(argv)
-  if args.list:
-    for v, cmds in VARIANTS.items():
-      print(f"{v}: {' '.join(cmds)}")
-    return []
-  only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
-  if only and (bad := [n for n in only if n not in VARIANTS]):
-    sys.exit(f"error: unknown variant {bad[0]!r}; variants: {', '.join(VARIANTS)}")
-  grid.compile_cache()
-  over = list(args.config) + ([f"set:train.steps={args.steps}"] if args.steps is not None else [])
+def _stage(args, overrides: Sequence[str]) -> tuple[grid.Grid, list[dict]]:
+  """Stages 1, 2 and 4 before the grid (:func:`experiments.grid.main`'s ``stage``)."""
+  prepare(args.out, args.quick)
   g = make_grid(args.out, args.quick)
-  try:
-    prepare(args.out, args.quick)
-    records = grid.run(g, args.out, args.seeds, over, args.quick, only, head=[pretrained(g, args.out, args.quick)])
-  except (ConfigError, ValueError) as e:
-    sys.exit(f"error: {e.args[0] if e.args else e}")
-  if args.publish:
-    os.makedirs(args.publish, exist_ok=True)
-    for name in ("results.json", "results.md"):
-      shutil.copyfile(os.path.join(args.out, name), os.path.join(args.publish, name))
-  print(grid.table(records, COLUMNS))
-  return records
+  return g, [pretrained(g, args.out, overrides, args.quick)]
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict] | None:
+  return grid.main(make_grid("OUT"), argv, "runs/adapters", stage=_stage)
 
 
 def load(out: str) -> list[dict]:

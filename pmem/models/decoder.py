@@ -67,7 +67,7 @@ class DecoderConfig:
   scan_layers: bool = True
   remat: str = "none"
   dtype: str = "float32"
-  kernel_impl: str = "xla"  # residual add + RMSNorm, attention: kernels.IMPLEMENTATIONS ("xla", "pallas", "auto", ...)
+  kernel_impl: str = "xla"  # residual add + RMSNorm: kernels.IMPLEMENTATIONS ("xla", "pallas", "auto", ...)
   # modules computed once per forward from the token ids and handed to every layer as
   # ``ctx.features[name]`` (e.g. MoVE's value bank shared across attention layers)
   shared: tuple[tuple[str, Factory], ...] = ()
@@ -147,7 +147,7 @@ def facts(cfg: DecoderConfig, layer: int | None = None) -> dict[str, Any]:
   ``layer=None`` for the shared per-forward modules."""
   out = dict(vocab=cfg.vocab, d_model=cfg.d_model, n_layers=cfg.n_layers, dtype=cfg.dtype)
   if layer is not None:
-    out.update(layer=layer, out_scale=(2 * cfg.n_layers) ** -0.5, adapter=cfg.adapter, kernel_impl=cfg.kernel_impl)
+    out.update(layer=layer, out_scale=(2 * cfg.n_layers) ** -0.5, adapter=cfg.adapter)
   base = _resolve(cfg.channel_mixer, CHANNEL_MIXERS)
   if isinstance(base, functools.partial) and "d_ff" in base.keywords:
     out["d_ff"] = base.keywords["d_ff"]
