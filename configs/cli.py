@@ -71,7 +71,7 @@ UNIT, BETA = Rule(lambda v: 0 <= v <= 1, "in [0, 1]"), Rule(lambda v: 0 <= v < 1
 RULES: dict[Any, dict[str, Rule]] = {  # config class -> field -> rule
     Experiment: {"seed": OFF_OR_MORE},
     TrainConfig: {"steps": SIZE, "schedule_steps": SIZE, "batch_size": SIZE, "seq_len": SIZE, "log_every": SIZE,
-                  "z_loss": OFF_OR_MORE},
+                  "z_loss": OFF_OR_MORE, "loss_chunk": OFF_OR_MORE},
     optim.OptimConfig: {"lr": POSITIVE, "warmup_steps": OFF_OR_MORE, "min_lr_ratio": UNIT, "b1": BETA, "b2": BETA,
                         "eps": POSITIVE, "weight_decay": OFF_OR_MORE, "clip_norm": POSITIVE},
     optim.TableOptimConfig: {"update": _one_of(*optim.UPDATES), "optimizer": _one_of(*sparse.OPTIMIZERS),

@@ -178,7 +178,8 @@ def generate(model, prompts, n=10, sampling=Sampling(), **kw):
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [200, 3, 9, 40, 41]]
 
 
-@pytest.mark.parametrize("name", ["tiny", "engram_tiny", "move_tiny"])
+# `make test` generates with tiny; the memory configs (~35-55 s each) in `make test-slow`
+@pytest.mark.parametrize("name", ["tiny", *(pytest.param(n, marks=pytest.mark.slow) for n in ("engram_tiny", "move_tiny"))])
 def test_greedy_generation_follows_the_full_forward(name):
   """Each greedy token is the argmax of the full forward over the prompt and the tokens before it,
   and a row generates the same alone as left-padded beside longer prompts."""
@@ -321,6 +322,7 @@ def test_load_gives_the_checkpointed_model(workdirs):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # ~55 s; host tables train and resume in `make test` (test_tables)
 def test_load_serves_host_tables(workdirs):
   import pmem
   wd = workdirs("stem_tiny", "set:train.optim.tables.update='row_sparse'", "set:train.optim.tables.device_budget_bytes=0")

@@ -117,6 +117,7 @@ def test_every_checkpoint_unreadable_restarts_from_step_zero(tmp_path, clean):
   assert read_losses(work) == read_losses(clean) and steps_logged(work) == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow  # `make test` keeps the config-mismatch refusal (test_checkpoint)
 def test_resume_refuses_a_corpus_with_other_contents(tmp_path):
   """Defect 2: a run started on a cache without Austen resumed silently on the full corpus."""
   default = os.environ.get("PMEM_CACHE") or os.path.expanduser("~/.cache/pmem")
@@ -237,6 +238,7 @@ def test_logs_are_truncated_on_resume_and_never_overwritten_silently(tmp_path, c
   assert steps_logged(work) == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow  # `make test` keeps test_train's NaN stop; this one resumes with each remedy (~60 s)
 def test_the_nan_stop_says_what_is_true_and_its_remedies_may_resume(tmp_path):
   """Defect 10: the advice suggested a learning rate that resume then refused, a kept checkpoint
   that did not exist and clipping that was on."""

@@ -46,7 +46,7 @@ def table_and_dense(t: Trainer):
   return np.asarray(p["stages"][1]["blocks"][0]["aug"][0]["table"][...]), np.asarray(p["head"][...])
 
 
-@pytest.mark.parametrize("lr_mult", [0.0, 1.0])
+@pytest.mark.parametrize("lr_mult", [0.0, pytest.param(1.0, marks=pytest.mark.slow)])
 def test_tables_get_their_own_learning_rate(lr_mult):
   t = trainer(f"set:train.optim.tables.lr_mult={lr_mult}")
   table0, head0 = table_and_dense(t)

@@ -94,7 +94,7 @@ def train_step(name: str, t: int, tokens: int, commands: list[str]):
   batch = jax.device_put({"inputs": ids[:, :-1], "targets": ids[:, 1:], "segment_ids": np.ones((b, t), np.int32),
                           "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)),
                           "loss_mask": np.ones((b, t), np.float32)})
-  fn = jax.jit(make_train_step(graphdef, tx, lr, exp.train.z_loss, exp.train.trainable),
+  fn = jax.jit(make_train_step(graphdef, tx, lr, exp.train.z_loss, exp.train.trainable, loss_chunk=exp.train.loss_chunk),
                donate_argnums=0).lower(state, batch).compile()
   mem = fn.memory_analysis()
 

@@ -1,11 +1,14 @@
 """Train-step throughput of pmem's dense decoder vs HF transformers LlamaForCausalLM (torch CPU).
 
 Both run the same configuration (fwd + bwd + AdamW, fp32, random ids). ``pmem`` runs the default
-scanned layer stack and ``pmem_noscan`` unrolled layers. After warm-up the
+scanned layer stack and ``pmem_noscan`` unrolled layers; each ``--kernel_impl NAME`` adds a row
+``pmem_NAME``, the scanned stack with ``model.kernel_impl=NAME`` (``auto`` on CPU: the native attention
+kernel, kernels.attention), each ``--loss_chunk N`` a row ``pmem_chunkN`` with ``train.loss_chunk=N``
+(0: the loss of the whole logits, not the fused head + cross-entropy). After warm-up the
 implementations alternate, one step each (A B C A B C ...), so machine noise hits all alike;
 medians are reported.
 
-  python -m experiments.bench.throughput --out runs/throughput.json [--steps 7] [--vocab 8192 ...]
+  python -m experiments.bench.throughput --out runs/throughput.json [--steps 7] [--kernel_impl auto] [--loss_chunk 0] [--vocab 8192 ...]
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from flax import nnx
 
 from configs.base import experiment
 from experiments.bench.common import ROOT, TorchWorker
+from kernels import IMPLEMENTATIONS
 from pmem.core.runtime import reexec_with_tuned_malloc
 from pmem.models.decoder import Decoder
 from pmem.models.hf import hf_config
@@ -43,6 +47,10 @@ def main() -> None:
   ap.add_argument("--d_ff", type=int, default=688)
   ap.add_argument("--seq_len", type=int, default=256)
   ap.add_argument("--batch_size", type=int, default=16)
+  ap.add_argument("--kernel_impl", action="append", default=[], choices=IMPLEMENTATIONS,
+                  help="also time pmem with model.kernel_impl=NAME (row pmem_NAME; repeatable)")
+  ap.add_argument("--loss_chunk", action="append", default=[], type=int,
+                  help="also time pmem with train.loss_chunk=N (row pmem_chunkN; repeatable)")
   ap.add_argument("--oracle_python", default=os.environ.get("PMEM_ORACLE_PYTHON", str(ROOT / ".venv-oracle/bin/python")))
   a = ap.parse_args()
   b, t = a.batch_size, a.seq_len
@@ -55,8 +63,8 @@ def main() -> None:
            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
            "loss_mask": np.ones((b, t), np.float32)}
 
-  def pmem_stepper(model_cfg):
-    trainer = Trainer(dataclasses.replace(exp, model=model_cfg))
+  def pmem_stepper(model_cfg, **train):
+    trainer = Trainer(dataclasses.replace(exp, model=model_cfg, train=dataclasses.replace(exp.train, **train)))
     dev_batch = {k: jax.device_put(v, trainer.batch_sharding) for k, v in batch.items()}
     def step() -> float:
       t0 = time.perf_counter()
@@ -67,7 +75,9 @@ def main() -> None:
 
   model = nnx.eval_shape(lambda: Decoder(exp.model, rngs=nnx.Rngs(0)))
   steppers = {"pmem": pmem_stepper(exp.model),
-              "pmem_noscan": pmem_stepper(dataclasses.replace(exp.model, scan_layers=False))}
+              "pmem_noscan": pmem_stepper(dataclasses.replace(exp.model, scan_layers=False)),
+              **{f"pmem_{k}": pmem_stepper(dataclasses.replace(exp.model, kernel_impl=k)) for k in a.kernel_impl},
+              **{f"pmem_chunk{n}": pmem_stepper(exp.model, loss_chunk=n) for n in a.loss_chunk}}
   worker = TorchWorker(a.oracle_python, "hf_llama.py", json.dumps(hf_config(model)), str(b), str(t))
   steppers["hf_torch"] = worker.step
   times = {k: [] for k in steppers}
@@ -89,13 +99,13 @@ def main() -> None:
   print(f"{'impl':<10} {'median step s':>14} {'tokens/s':>10}")
   for r in records:
     print(f"{r['impl']:<10} {r['median_step_s']:>14.3f} {r['tokens_per_s']:>10.0f}")
-  print(f"ratio pmem / hf_torch = {ratio:.2f}; pmem_noscan / hf_torch = {tps['pmem_noscan'] / tps['hf_torch']:.2f}"
-        f"  (jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} device)")
+  ratios = {k: tps[k] / tps["hf_torch"] for k in tps if k.startswith("pmem")}
+  print("; ".join(f"{k} / hf_torch = {r:.2f}" for k, r in ratios.items()),
+        f" (jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} device)")
   out = pathlib.Path(a.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps({"records": records, "ratio": ratio,
-                                       "ratio_noscan": tps["pmem_noscan"] / tps["hf_torch"], "config": vars(a) | {"jax": jax.__version__}},
-                            indent=2))
+  out.write_text(json.dumps({"records": records, "ratio": ratio, "ratio_noscan": ratios["pmem_noscan"],
+                             "ratios": ratios, "config": vars(a) | {"jax": jax.__version__}}, indent=2))
 
 
 if __name__ == "__main__":

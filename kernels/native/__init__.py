@@ -29,7 +29,7 @@ FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=c
 TARGETS = {"pmem_bag_fwd": "PmemBagFwd", "pmem_bag_wgrad": "PmemBagWgrad", "pmem_bag_grads": "PmemBagGrads",
            "pmem_bag_rows": "PmemBagRows",
            "pmem_topk_pairs": "PmemTopkPairs", "pmem_row_scatter": "PmemRowScatter",
-           "pmem_row_adam": "PmemRowAdam"}
+           "pmem_row_adam": "PmemRowAdam", "pmem_attn_fwd": "PmemAttnFwd", "pmem_attn_bwd": "PmemAttnBwd"}
 
 
 def _cpu_id() -> str:

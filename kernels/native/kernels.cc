@@ -8,6 +8,8 @@
 // pmem_bag_rows    the table gradient of a bag as compact rows (sorted distinct ids and their summed w * g)
 // pmem_row_scatter ds[r, i[r, j]] += v[r, j] into zeros [R, n]        (the backward of a take along rows)
 // pmem_topk_pairs  the k best slots i*n + j of s1[i] + s2[j] (see kernels/product_topk/ops.py)
+// pmem_attn_fwd    causal (segment, window) GQA attention: o and the rows' logsumexp (FlashAttention-2)
+// pmem_attn_bwd    its dq, dk, dv from q, k, v, o, lse and do
 // pmem_row_adam    lazy Adam of the rows ids of table, mu, nu [R, D] in place (pmem/train/sparse.py row_step's
 //                  adam branch fused with the row gather and scatter), and each new row's sum of squares
 //
@@ -22,9 +24,14 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <thread>
 #include <vector>
+
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -475,6 +482,314 @@ ffi::Error RowAdam(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Buffe
   return ffi::Error::Success();
 }
 
+// ---- Causal self-attention (FlashAttention-2, Dao 2023): see kernels/attention/native.py ----
+//
+// q [B, T, N, H], k, v [B, T, K, H] (GQA: query head n reads kv head n / G, G = N / K), seg, pos [B, T].
+// Query i sees key j iff j <= i, seg[j] == seg[i] > 0 and (window == 0 or pos[i] - pos[j] < window);
+// a padding query (seg 0) sees no key and, as jax.nn.dot_product_attention's masked softmax gives, averages
+// every v (scores all equal: lse = log T). Tiles of kBq queries x kBk keys; one kv head's G query heads
+// are stacked as the G * kBq rows of a tile so each key tile is packed once for the group.
+
+constexpr int64_t kBq = 64, kBk = 64;  // queries, keys per tile
+
+// One SIMD register of floats (GCC / Clang vector extensions) at the width -march=native gives.
+#if defined(__AVX512F__)
+constexpr int kW = 16;
+#elif defined(__AVX__)
+constexpr int kW = 8;
+#else
+constexpr int kW = 4;
+#endif
+typedef float Vec __attribute__((vector_size(4 * kW)));
+typedef int32_t IVec __attribute__((vector_size(4 * kW)));
+
+inline Vec Load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
+inline Vec Splat(float x) { return x - Vec{}; }  // exact (x - 0 = x, -0 included): a plain broadcast
+
+// a * b + c, fused where the CPU has FMA (-ffp-contract=off fuses nothing by itself).
+inline Vec Fma(Vec a, Vec b, Vec c) {
+#if defined(__AVX512F__)
+  return _mm512_fmadd_ps(a, b, c);
+#elif defined(__FMA__)
+  return _mm256_fmadd_ps(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+constexpr int kNr = 16, kNv = kNr / kW, kMr = 8 / kNv;  // the register tile of Gemm: kMr x kNr of C, 8 registers
+
+// C[m x n] (+)= A[m x k] B[k x n] (m % kMr == 0, n % kNr == 0): A(r, p) = a[r * ars + p * acs]; B, C row-major
+// with row strides ldb, ldc. Each kMr x kNr block of C is summed in registers over p.
+template <bool kAdd>
+void Gemm(float* __restrict c, int64_t ldc, const float* __restrict a, int64_t ars, int64_t acs,
+          const float* __restrict b, int64_t ldb, int64_t m, int64_t n, int64_t k) {
+  for (int64_t i = 0; i < m; i += kMr)
+    for (int64_t j = 0; j < n; j += kNr) {
+      Vec acc[kMr][kNv];
+      for (int r = 0; r < kMr; ++r)
+        for (int u = 0; u < kNv; ++u) acc[r][u] = kAdd ? Load(c + (i + r) * ldc + j + u * kW) : Vec{};
+      const float* ar = a + i * ars;
+      for (int64_t p = 0; p < k; ++p) {
+        Vec bp[kNv];
+        for (int u = 0; u < kNv; ++u) bp[u] = Load(b + p * ldb + j + u * kW);
+        for (int r = 0; r < kMr; ++r) {
+          const Vec x = Splat(ar[r * ars + p * acs]);
+          for (int u = 0; u < kNv; ++u) acc[r][u] = Fma(x, bp[u], acc[r][u]);
+        }
+      }
+      for (int r = 0; r < kMr; ++r)
+        for (int u = 0; u < kNv; ++u) Store(c + (i + r) * ldc + j + u * kW, acc[r][u]);
+    }
+}
+
+// e^x (0 below -87): 2^n e^r with n = round(x log2 e), r = x - n ln 2 in two parts (Cody-Waite), e^r by its
+// degree-6 Taylor polynomial (|r| <= ln2 / 2: truncation below 1 ulp).
+inline Vec Exp(Vec x) {
+  Vec z = x < -87.0f ? Splat(-87.0f) : x;
+  z = z > 88.0f ? Splat(88.0f) : z;
+  const Vec n = (z * 1.44269502f + 12582912.0f) - 12582912.0f;  // round to nearest by 1.5 * 2^23
+  const Vec r = Fma(n, Splat(-1.42860677e-6f), Fma(n, Splat(-0.693145752f), z));  // ln 2 = 0.693145752 + 1.42860677e-6
+  Vec p = Fma(Splat(1.0f / 720), r, Splat(1.0f / 120));
+  for (float c : {1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = Fma(p, r, Splat(c));
+  const IVec e = (__builtin_convertvector(n, IVec) + 127) << 23;
+  return x < -87.0f ? Vec{} : p * __builtin_bit_cast(Vec, e);
+}
+
+inline float MaxLane(Vec v) {
+  float m = v[0];
+  for (int l = 1; l < kW; ++l) m = std::max(m, v[l]);
+  return m;
+}
+
+inline float SumLanes(Vec v) {
+  float t = 0.0f;
+  for (int l = 0; l < kW; ++l) t += v[l];
+  return t;
+}
+
+struct AttnShape {
+  int64_t b, t, n, kv, h, g, hp, nqt, window;  // g = n / kv; hp: h rounded up to kNr; nqt query tiles
+  const int32_t *seg, *pos;
+};
+
+ffi::Error AttnCheck(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k, const ffi::Buffer<ffi::F32>& v,
+                     const ffi::Buffer<ffi::S32>& seg, const ffi::Buffer<ffi::S32>& pos, int64_t window, AttnShape* s) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
+    return ffi::Error::InvalidArgument("pmem attention: q, k, v must be [B, T, heads, H]");
+  *s = {qd[0], qd[1], qd[2], kd[2], qd[3], 0, (qd[3] + kNr - 1) / kNr * kNr, (qd[1] + kBq - 1) / kBq, window,
+        seg.typed_data(), pos.typed_data()};
+  for (int a = 0; a < 4; ++a)
+    if (kd[a] != vd[a] || (a != 2 && kd[a] != qd[a]))
+      return ffi::Error::InvalidArgument("pmem attention: q [B, T, N, H], k and v [B, T, K, H] disagree");
+  if (s->kv < 1 || s->n % s->kv || seg.dimensions()[0] != s->b || seg.dimensions()[1] != s->t ||
+      pos.dimensions()[0] != s->b || pos.dimensions()[1] != s->t || window < 0)
+    return ffi::Error::InvalidArgument("pmem attention: N % K != 0, segment ids / positions not [B, T], or window < 0");
+  s->g = s->n / s->kv;
+  return ffi::Error::Success();
+}
+
+// bias[ii, c] = 0 where query i0 + ii sees key j0 + c, else -inf; whether any is seen.
+bool TileBias(const AttnShape& s, int64_t b, int64_t i0, int64_t j0, float* bias) {
+  const int32_t *seg = s.seg + b * s.t, *pos = s.pos + b * s.t;
+  const float inf = std::numeric_limits<float>::infinity();
+  bool any = false;
+  for (int64_t ii = 0; ii < kBq; ++ii) {
+    const int64_t i = i0 + ii;
+    float* row = bias + ii * kBk;
+    const int64_t nc = i < s.t && seg[i] > 0 ? std::min(kBk, i - j0 + 1) : 0;  // keys j0 .. min(i, j0 + kBk - 1)
+    for (int64_t c = 0; c < nc; ++c) {
+      const bool see = seg[j0 + c] == seg[i] && (s.window == 0 || pos[i] - pos[j0 + c] < s.window);
+      row[c] = see ? 0.0f : -inf;
+      any |= see;
+    }
+    std::fill(row + std::max<int64_t>(nc, 0), row + kBk, -inf);
+  }
+  return any;
+}
+
+// x [B, T, heads, H] rows (t0 .. t0 + rows) of head hd, times `mul`, into dst [rows, hp] (zero past T and H);
+// transposed: into dst [hp, rows].
+void Pack(const AttnShape& s, const float* x, int64_t heads, int64_t b, int64_t hd, int64_t t0, int64_t rows,
+          float mul, bool transposed, float* dst) {
+  std::fill(dst, dst + rows * s.hp, 0.0f);
+  for (int64_t r = 0; r < rows && t0 + r < s.t; ++r) {
+    const float* src = x + ((b * s.t + t0 + r) * heads + hd) * s.h;
+    for (int64_t d = 0; d < s.h; ++d) (transposed ? dst[d * rows + r] : dst[r * s.hp + d]) = mul * src[d];
+  }
+}
+
+// Forward (Alg. 1): per (b, kv head, query tile), over the key tiles with a seen key, the online softmax
+// m' = max(m, rowmax S), P = exp(S - m'), l' = e^(m - m') l + rowsum P, O' = e^(m - m') O + P V;
+// then o = O / l, lse = m + log l.
+ffi::Error AttnFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                   ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::S32> pos, int64_t window,
+                   ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse) {
+  AttnShape s;
+  if (auto e = AttnCheck(q, k, v, seg, pos, window, &s); e.failure()) return e;
+  const float *qb = q.typed_data(), *kb = k.typed_data(), *vb = v.typed_data();
+  float *ob = o->typed_data(), *lb = lse->typed_data();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(s.h)), inf = std::numeric_limits<float>::infinity();
+  const float inv_t = 1.0f / static_cast<float>(s.t);
+  const int64_t rows = s.g * kBq, hp = s.hp;
+  ParallelChunks(pool, s.b * s.kv * s.nqt, s.b * s.kv * s.nqt, [&](int64_t w0, int64_t w1) {
+    std::vector<float> qs(rows * hp), kt(hp * kBk), vt(kBk * hp), acc(rows * hp), sc(rows * kBk), bias(kBq * kBk);
+    std::vector<float> m(rows), l(rows);
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t b = w / (s.kv * s.nqt), g = w / s.nqt % s.kv, i0 = w % s.nqt * kBq;
+      for (int64_t h = 0; h < s.g; ++h) Pack(s, qb, s.n, b, g * s.g + h, i0, kBq, scale, false, &qs[h * kBq * hp]);
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      std::fill(m.begin(), m.end(), -inf);
+      std::fill(l.begin(), l.end(), 0.0f);
+      for (int64_t j0 = 0; j0 < std::min(i0 + kBq, s.t); j0 += kBk) {
+        if (!TileBias(s, b, i0, j0, bias.data())) continue;
+        Pack(s, kb, s.kv, b, g, j0, kBk, 1.0f, true, kt.data());
+        Pack(s, vb, s.kv, b, g, j0, kBk, 1.0f, false, vt.data());
+        Gemm<false>(sc.data(), kBk, qs.data(), hp, 1, kt.data(), kBk, rows, kBk, s.h);  // S = Q K^T / sqrt(H)
+        for (int64_t r = 0; r < rows; ++r) {
+          float* sr = &sc[r * kBk];
+          const float* br = &bias[r % kBq * kBk];
+          Vec mv = Splat(-inf);
+          for (int64_t c = 0; c < kBk; c += kW) {
+            const Vec x = Load(sr + c) + Load(br + c);
+            Store(sr + c, x);
+            mv = x > mv ? x : mv;
+          }
+          const float mx = std::max(m[r], MaxLane(mv));
+          if (mx == -inf) {  // nothing seen yet: P = 0
+            std::fill(sr, sr + kBk, 0.0f);
+            continue;
+          }
+          Vec sum{};
+          for (int64_t c = 0; c < kBk; c += kW) {
+            const Vec e = Exp(Load(sr + c) - mx);
+            Store(sr + c, e);
+            sum += e;
+          }
+          const float alpha = m[r] == -inf ? 0.0f : Exp(Splat(m[r] - mx))[0];
+          l[r] = alpha * l[r] + SumLanes(sum);
+          m[r] = mx;
+          for (int64_t d = 0; d < hp; d += kW) Store(&acc[r * hp + d], Load(&acc[r * hp + d]) * alpha);
+        }
+        Gemm<true>(acc.data(), hp, sc.data(), kBk, 1, vt.data(), hp, rows, hp, kBk);  // O += P V
+      }
+      const int32_t* sg = s.seg + b * s.t;
+      std::vector<float> mean;  // the padding rows' output: mean_j v[j]
+      for (int64_t ii = 0; ii < kBq && i0 + ii < s.t; ++ii) {
+        const int64_t i = i0 + ii;
+        if (sg[i] == 0 && mean.empty()) {
+          mean.assign(s.h, 0.0f);
+          for (int64_t j = 0; j < s.t; ++j)
+            for (int64_t d = 0; d < s.h; ++d) mean[d] += inv_t * vb[((b * s.t + j) * s.kv + g) * s.h + d];
+        }
+        for (int64_t h = 0; h < s.g; ++h) {
+          const int64_t r = h * kBq + ii, hd = g * s.g + h;
+          float* out = ob + ((b * s.t + i) * s.n + hd) * s.h;
+          if (sg[i] == 0) {
+            std::copy(mean.begin(), mean.end(), out);
+            lb[(b * s.t + i) * s.n + hd] = std::log(static_cast<float>(s.t));
+            continue;
+          }
+          const float inv = 1.0f / l[r];
+          for (int64_t d = 0; d < s.h; ++d) out[d] = acc[r * hp + d] * inv;
+          lb[(b * s.t + i) * s.n + hd] = m[r] + std::log(l[r]);
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// Backward (Alg. 2): per (b, kv head), key tiles outer (dK, dV of the tile summed over every query tile and
+// the group's heads), query tiles inner (dQ of the whole sequence kept): P = exp(S - lse), D = rowsum(dO o O),
+// dV += P^T dO, dP = dO V^T, dS = P o (dP - D), dQ += dS K / sqrt(H), dK += dS^T Q / sqrt(H). A padding query
+// (P = 1/T on every key, no score gradient) adds its dO / T to every dv.
+ffi::Error AttnBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                   ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::S32> pos, ffi::Buffer<ffi::F32> o,
+                   ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, int64_t window,
+                   ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
+  AttnShape s;
+  if (auto e = AttnCheck(q, k, v, seg, pos, window, &s); e.failure()) return e;
+  const float *qb = q.typed_data(), *kb = k.typed_data(), *vb = v.typed_data(), *ob = o.typed_data();
+  const float *lb = lse.typed_data(), *gb = dout.typed_data();
+  float *dqb = dq->typed_data(), *dkb = dk->typed_data(), *dvb = dv->typed_data();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(s.h)), inv_t = 1.0f / static_cast<float>(s.t);
+  const int64_t rows = s.g * kBq, hp = s.hp, tile = rows * hp;  // one query tile of the group
+  ParallelChunks(pool, s.b * s.kv, s.b * s.kv, [&](int64_t w0, int64_t w1) {
+    std::vector<float> qs(s.nqt * tile), go(s.nqt * tile), gq(s.nqt * tile), dd(s.nqt * rows), ls(s.nqt * rows);
+    std::vector<float> kt(hp * kBk), vt(hp * kBk), kr(kBk * hp), gk(kBk * hp), gv(kBk * hp), p(rows * kBk);
+    std::vector<float> dp(rows * kBk), bias(kBq * kBk), pad(s.h);
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t b = w / s.kv, g = w % s.kv;
+      const int32_t* sg = s.seg + b * s.t;
+      std::fill(gq.begin(), gq.end(), 0.0f);
+      std::fill(dd.begin(), dd.end(), 0.0f);
+      std::fill(ls.begin(), ls.end(), 0.0f);
+      std::fill(pad.begin(), pad.end(), 0.0f);
+      for (int64_t it = 0; it < s.nqt; ++it)
+        for (int64_t h = 0; h < s.g; ++h) {
+          const int64_t hd = g * s.g + h, at = it * tile + h * kBq * hp;
+          Pack(s, qb, s.n, b, hd, it * kBq, kBq, scale, false, &qs[at]);
+          Pack(s, gb, s.n, b, hd, it * kBq, kBq, 1.0f, false, &go[at]);
+          for (int64_t ii = 0; ii < kBq && it * kBq + ii < s.t; ++ii) {
+            const int64_t i = it * kBq + ii, x = ((b * s.t + i) * s.n + hd) * s.h;
+            float d = 0.0f;
+            for (int64_t c = 0; c < s.h; ++c) d += gb[x + c] * ob[x + c];
+            dd[it * rows + h * kBq + ii] = d;
+            ls[it * rows + h * kBq + ii] = lb[(b * s.t + i) * s.n + hd];
+            if (sg[i] == 0)
+              for (int64_t c = 0; c < s.h; ++c) pad[c] += inv_t * gb[x + c];
+          }
+        }
+      for (int64_t j0 = 0; j0 < s.t; j0 += kBk) {
+        Pack(s, kb, s.kv, b, g, j0, kBk, 1.0f, true, kt.data());
+        Pack(s, vb, s.kv, b, g, j0, kBk, 1.0f, true, vt.data());
+        Pack(s, kb, s.kv, b, g, j0, kBk, 1.0f, false, kr.data());
+        std::fill(gk.begin(), gk.end(), 0.0f);
+        std::fill(gv.begin(), gv.end(), 0.0f);
+        for (int64_t it = j0 / kBq; it < s.nqt; ++it) {
+          if (!TileBias(s, b, it * kBq, j0, bias.data())) continue;
+          const float *qt = &qs[it * tile], *gt = &go[it * tile];
+          Gemm<false>(p.data(), kBk, qt, hp, 1, kt.data(), kBk, rows, kBk, s.h);  // S
+          Gemm<false>(dp.data(), kBk, gt, hp, 1, vt.data(), kBk, rows, kBk, s.h);  // dP = dO V^T
+          for (int64_t r = 0; r < rows; ++r) {
+            const float lr = ls[it * rows + r], dr = dd[it * rows + r], *br = &bias[r % kBq * kBk];
+            float *pr = &p[r * kBk], *sr = &dp[r * kBk];
+            for (int64_t c = 0; c < kBk; c += kW) {
+              const Vec pc = Exp(Load(pr + c) + Load(br + c) - lr);  // P = exp(S - lse)
+              Store(pr + c, pc);
+              Store(sr + c, pc * (Load(sr + c) - dr));  // dS = P o (dP - D)
+            }
+          }
+          Gemm<true>(gv.data(), hp, p.data(), 1, kBk, gt, hp, kBk, hp, rows);      // dV += P^T dO
+          Gemm<true>(gk.data(), hp, dp.data(), 1, kBk, qt, hp, kBk, hp, rows);     // dK += dS^T Q / sqrt(H)
+          Gemm<true>(&gq[it * tile], hp, dp.data(), kBk, 1, kr.data(), hp, rows, hp, kBk);  // dQ += dS K
+        }
+        for (int64_t c = 0; c < kBk && j0 + c < s.t; ++c) {
+          const int64_t x = ((b * s.t + j0 + c) * s.kv + g) * s.h;
+          for (int64_t d = 0; d < s.h; ++d) {
+            dkb[x + d] = gk[c * hp + d];
+            dvb[x + d] = gv[c * hp + d] + pad[d];
+          }
+        }
+      }
+      for (int64_t i = 0; i < s.t; ++i)
+        for (int64_t h = 0; h < s.g; ++h) {
+          const float* src = &gq[i / kBq * tile + (h * kBq + i % kBq) * hp];
+          float* out = dqb + ((b * s.t + i) * s.n + g * s.g + h) * s.h;
+          for (int64_t d = 0; d < s.h; ++d) out[d] = src[d] * scale;
+        }
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // (thread pool, table f32 [V, D], ids s32 [S, k], f32 [S, k] or [S, D]) -> f32: the bag forward and wgrad.
@@ -545,6 +860,30 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PmemRowAdam, RowAdam,
                                   .Attr<float>("eps")
                                   .Attr<int64_t>("decay")
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+// (thread pool, q [B, T, N, H], k, v [B, T, K, H], seg, pos s32 [B, T]): the attention kernels' leading args.
+static auto Attn() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<ffi::Buffer<ffi::S32>>();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PmemAttnFwd, AttnFwd,
+                              Attn().Attr<int64_t>("window").Ret<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PmemAttnBwd, AttnBwd,
+                              Attn()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("window")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

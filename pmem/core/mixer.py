@@ -16,7 +16,7 @@ a ``MemoryTable``'s ``index=`` (so its rows can be staged from the host).
 
 **Model facts.** The decoder owns the facts of the model (:data:`FACTS`: ``vocab``, ``d_model``,
 ``n_layers``, ``layer`` (the block's index), ``out_scale`` (the depth factor of output projections),
-``dtype``, ``adapter`` (LoRA / DoRA, pmem.layers.adapters)) and hands each factory the ones its signature names; a module's config names only what
+``dtype``, ``adapter`` (LoRA / DoRA, pmem.layers.adapters), ``kernel_impl``) and hands each factory the ones its signature names; a module's config names only what
 is its own, so a later ``set:model.vocab=...`` reaches every table. A config that binds a fact
 itself must agree with the model, else :func:`build` refuses it naming both values. ``d_ff`` (the
 width of the model's default channel mixer) is a default: given to a factory that takes ``d_ff``
@@ -84,7 +84,7 @@ class ChannelMixer(Protocol):
     ...
 
 
-FACTS = ("vocab", "d_model", "n_layers", "layer", "out_scale", "dtype", "adapter")  # owned by the decoder
+FACTS = ("vocab", "d_model", "n_layers", "layer", "out_scale", "dtype", "adapter", "kernel_impl")  # owned by the decoder
 DEFAULTS = ("d_ff",)  # given where the factory leaves them unset
 
 

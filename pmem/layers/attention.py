@@ -11,7 +11,10 @@ tokens see, so it attends over the old slots and the chunk, then writes its last
 Without ``window`` the caller keeps ``end + T <= max_len`` (the generator checks it).
 
 ``qkv_bias`` adds biases to the q, k and v projections (Qwen2; zero at init), none to the output.
-``adapter``: LoRA / DoRA on the projections it targets (pmem.layers.adapters)."""
+``adapter``: LoRA / DoRA on the projections it targets (pmem.layers.adapters).
+``kernel_impl`` (the model's, ``DecoderConfig.kernel_impl``): the no-cache call (training, a whole forward)
+runs ``kernels.attention`` with that implementation where the op has it (``"xla"``, ``"native"``, ``"auto"``;
+any other name: ``"xla"``); prefill and decode over a cache stay on ``jax.nn.dot_product_attention``."""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
+from kernels.attention import IMPLEMENTATIONS as KERNELS, attention
 from pmem.core import accounting
 from pmem.core.registry import SEQUENCE_MIXERS
 from pmem.core.rules import constrain
@@ -27,19 +31,6 @@ from pmem.layers import adapters
 from pmem.layers.init import fan_in_normal
 from pmem.layers.rope import apply_rope
 from pmem.core.mixer import TokenContext
-
-
-def segment_causal_mask(segment_ids: jax.Array, positions: jax.Array | None = None,
-                        window: int | None = None) -> jax.Array:
-  """bool[B, 1, T, T]: query t sees key s <= t of the same non-padding segment (and, with
-  ``window``, less than ``window`` positions back)."""
-  t = segment_ids.shape[-1]
-  same = segment_ids[:, :, None] == segment_ids[:, None, :]
-  causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-  mask = same & causal & (segment_ids[:, :, None] > 0)
-  if window is not None:
-    mask &= positions[:, :, None] - positions[:, None, :] < window
-  return mask[:, None]
 
 
 def cache_mask(q_pos, q_seg, k_pos, k_seg, window: int | None) -> jax.Array:
@@ -57,8 +48,8 @@ class Attention(nnx.Module):
 
   def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int | None = None,
                rope_theta: float = 10000.0, window: int | None = None, out_scale: float = 1.0,
-               dtype: str = "float32", qkv_bias: bool = False, adapter: adapters.AdapterConfig | None = None, *,
-               rngs: nnx.Rngs):
+               dtype: str = "float32", qkv_bias: bool = False, adapter: adapters.AdapterConfig | None = None,
+               kernel_impl: str = "xla", *, rngs: nnx.Rngs):
     if n_heads % n_kv_heads:
       raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}")
     if window is not None and window < 1:
@@ -66,6 +57,7 @@ class Attention(nnx.Module):
     h = head_dim or d_model // n_heads
     self.n_heads, self.n_kv_heads, self.head_dim, self.window = n_heads, n_kv_heads, h, window
     self.d_model, self.rope_theta, self.dtype, self.qkv_bias = d_model, rope_theta, jnp.dtype(dtype), qkv_bias
+    self.kernel_impl = kernel_impl if kernel_impl in KERNELS else "xla"
     k = rngs.params
     self.wq = nnx.Param(fan_in_normal(k(), (d_model, n_heads, h), d_model), axes=("embed", "heads", "head_dim"))
     self.wk = nnx.Param(fan_in_normal(k(), (d_model, n_kv_heads, h), d_model), axes=("embed", "kv_heads", "head_dim"))
@@ -111,8 +103,7 @@ class Attention(nnx.Module):
     k = constrain(apply_rope(k, ctx.positions, self.rope_theta), ("batch", "length", "act_kv_heads", None))
     v = constrain(v, ("batch", "length", "act_kv_heads", None))
     if state is None:
-      mask = segment_causal_mask(ctx.segment_ids, ctx.positions, self.window)
-      o = jax.nn.dot_product_attention(q, k, v, mask=mask)
+      o = attention(q, k, v, ctx.segment_ids, ctx.positions, self.window, implementation=self.kernel_impl)
     elif t == 1 or self.window is None:  # the new tokens overwrite no slot they could see: write, then read
       state = self._write(state, k, v, ctx)
       mask = cache_mask(ctx.positions, ctx.segment_ids, state["pos"], state["seg"], self.window)

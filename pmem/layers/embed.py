@@ -71,10 +71,5 @@ class Embed(nnx.Module):
     check_ids(ids, self.vocab)
     return jnp.take(self.table[...], ids, axis=0)
 
-  def attend(self, h: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
-    """Tied output head."""
-    b, t, d = h.shape
-    return (h.reshape(b * t, d) @ self.table[...].astype(h.dtype).T).reshape(b, t, -1)
-
   def cost(self, seq_len: int) -> accounting.Cost:
     return accounting.lookup(self.vocab, self.d_model, rows_read=1)

@@ -67,7 +67,7 @@ class DecoderConfig:
   scan_layers: bool = True
   remat: str = "none"
   dtype: str = "float32"
-  kernel_impl: str = "xla"  # residual add + RMSNorm: kernels.IMPLEMENTATIONS ("xla", "pallas", "auto", ...)
+  kernel_impl: str = "xla"  # residual add + RMSNorm, attention: kernels.IMPLEMENTATIONS ("xla", "pallas", "auto", ...)
   # modules computed once per forward from the token ids and handed to every layer as
   # ``ctx.features[name]`` (e.g. MoVE's value bank shared across attention layers)
   shared: tuple[tuple[str, Factory], ...] = ()
@@ -147,7 +147,7 @@ def facts(cfg: DecoderConfig, layer: int | None = None) -> dict[str, Any]:
   ``layer=None`` for the shared per-forward modules."""
   out = dict(vocab=cfg.vocab, d_model=cfg.d_model, n_layers=cfg.n_layers, dtype=cfg.dtype)
   if layer is not None:
-    out.update(layer=layer, out_scale=(2 * cfg.n_layers) ** -0.5, adapter=cfg.adapter)
+    out.update(layer=layer, out_scale=(2 * cfg.n_layers) ** -0.5, adapter=cfg.adapter, kernel_impl=cfg.kernel_impl)
   base = _resolve(cfg.channel_mixer, CHANNEL_MIXERS)
   if isinstance(base, functools.partial) and "d_ff" in base.keywords:
     out["d_ff"] = base.keywords["d_ff"]
@@ -343,6 +343,20 @@ class Decoder(nnx.Module):
     ids outside ``[0, vocab)`` are an error, also under ``jit`` (``pmem.layers.embed.check_ids``),
     except inside ``pmem.layers.embed.trusted_ids()`` (the trainer's steps, whose batches were
     checked on the host)."""
+    h, new = self.hidden(ids, ctx, cache)
+    b, t, d = h.shape
+    logits = (h.reshape(b * t, d) @ self.unembed()).reshape(b, t, -1)
+    chex.assert_shape(logits, (*ids.shape, self.cfg.vocab))
+    logits = constrain(logits, ("batch", "length", "act_vocab"))
+    return logits if cache is None else (logits, new)
+
+  def unembed(self) -> Float[Array, "D V"]:
+    """The output head ``W``: logits = hidden @ W (the embedding's transpose when tied)."""
+    return self.embed.table[...].astype(jnp.float32).T if self.cfg.tie_embeddings else self.head[...]
+
+  def hidden(self, ids: Int[Array, "B T"], ctx: TokenContext, cache: dict | None = None):
+    """``(h, new_cache)``: the float32 output of the last norm ``[B, T, D]`` (the logits are ``h @``
+    :meth:`unembed`), as :meth:`__call__` (``new_cache`` None without a cache)."""
     chex.assert_rank(ids, 2)
     chex.assert_type(ids, int)
     chex.assert_equal_shape([ids, ctx.positions, ctx.segment_ids])
@@ -364,15 +378,7 @@ class Decoder(nnx.Module):
       else:
         x, c = stage(x, ctx, cache["stages"][i])
         new["stages"].append(c)
-    h = self.norm_out(x).astype(jnp.float32)
-    if self.cfg.tie_embeddings:
-      logits = self.embed.attend(h)
-    else:
-      b, t, d = h.shape
-      logits = (h.reshape(b * t, d) @ self.head[...]).reshape(b, t, -1)
-    chex.assert_shape(logits, (*ids.shape, self.cfg.vocab))
-    logits = constrain(logits, ("batch", "length", "act_vocab"))
-    return logits if cache is None else (logits, new)
+    return self.norm_out(x).astype(jnp.float32), new
 
   def cost(self, seq_len: int) -> accounting.Cost:
     c = self.embed.cost(seq_len) + self.norm_out.cost(seq_len)

@@ -41,6 +41,9 @@ class TrainConfig:
   seq_len: int = 128
   log_every: int = 1
   z_loss: float = 0.0
+  # positions per chunk of the fused output head + cross-entropy (pmem.train.loss.linear_lm_loss; no
+  # [B, T, V] logits); 0: the loss of the whole logits
+  loss_chunk: int = 64
   optim: optim.OptimConfig = optim.OptimConfig()
   progress: bool = True
   # step 0's parameters: a Hugging Face checkpoint directory (pmem.models.hf; an imported model's
@@ -178,7 +181,8 @@ class Trainer:
                     "step": jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(self.mesh, P()))}
       state_sh = jax.tree.map(lambda x: x.sharding, self.state)
       batch_sh = {k: self.batch_sharding for k in self.fields} | ({"tables": replicated} if self.host else {})
-      self.step_fn = jax.jit(step_lib.make_train_step(graphdef, self.tx, self.lr, t.z_loss, t.trainable, exp.seed),
+      self.step_fn = jax.jit(step_lib.make_train_step(graphdef, self.tx, self.lr, t.z_loss, t.trainable, exp.seed,
+                                                    t.loss_chunk),
                              in_shardings=(state_sh, batch_sh),
                              out_shardings=(state_sh, replicated) + ((replicated,) if self.host else ()),
                              donate_argnums=0)

@@ -15,17 +15,7 @@ from pmem.layers.embed import trusted_ids
 from pmem.memory import diagnostics, lookup
 from pmem.core.mixer import TokenContext
 from pmem.train import optim, sparse
-
-
-def lm_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array, z_loss: float = 0.0):
-  """Masked next-token cross-entropy (+ z-loss ``z_loss * logsumexp^2``); returns (loss, aux)."""
-  logits = logits.astype(jnp.float32)
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  ce = lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  n = jnp.maximum(mask.sum(), 1.0)
-  ce_mean = (ce * mask).sum() / n
-  z = (lse ** 2 * mask).sum() / n
-  return ce_mean + z_loss * z, {"ce": ce_mean, "z": z, "tokens": mask.sum()}
+from pmem.train.loss import linear_lm_loss, lm_loss
 
 
 def context(batch, rng: jax.Array | None = None) -> TokenContext:
@@ -36,21 +26,26 @@ def context(batch, rng: jax.Array | None = None) -> TokenContext:
   return TokenContext(batch["inputs"], batch["positions"], batch["segment_ids"], features, rng)
 
 
-def forward_loss(graphdef: nnx.GraphDef, params, rest, batch, z_loss: float, rng: jax.Array | None = None):
+def forward_loss(graphdef: nnx.GraphDef, params, rest, batch, z_loss: float, rng: jax.Array | None = None,
+                 loss_chunk: int = 0):
+  """(loss, aux) of a batch; ``loss_chunk`` > 0: the output head and cross-entropy fused, that many
+  positions at a time (pmem.train.loss.linear_lm_loss), else from the whole logits."""
   model = nnx.merge(graphdef, params, rest)
   ctx = context(batch, rng)
   with trusted_ids():  # Trainer.to_device checked them on the host
-    logits = model(batch["inputs"], ctx)
-  return lm_loss(logits, batch["targets"], batch["loss_mask"], z_loss)
+    if not loss_chunk:
+      return lm_loss(model(batch["inputs"], ctx), batch["targets"], batch["loss_mask"], z_loss)
+    h, _ = model.hidden(batch["inputs"], ctx)
+  return linear_lm_loss(h, model.unembed(), batch["targets"], batch["loss_mask"], z_loss, loss_chunk)
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optim.Optimizer, lr: optax.Schedule, z_loss: float,
-                    trainable: Sequence[str] = ("*",), seed: int = 0) -> Callable:
+                    trainable: Sequence[str] = ("*",), seed: int = 0, loss_chunk: int = 0) -> Callable:
   """``step(state, batch) -> (state, metrics)``; state = {params, rest, opt, step}. Only the
   parameters ``trainable`` (glob patterns over their paths, :func:`optim.trainable`) are
   differentiated and updated; ``state["opt"]`` covers only them and ``grad_norm`` / ``param_norm``
   are theirs. The model's noise key (adapter dropout) is ``fold_in(key(seed), step)``: a function of
-  the step alone, so a resumed run draws the same masks.
+  the step alone, so a resumed run draws the same masks. ``loss_chunk``: :func:`forward_loss`.
 
   Row-sparse tables (``tx.row_sparse``) are differentiated through their reads and updated in
   place on the rows the batch touched (:mod:`pmem.train.sparse`); for them ``grad_norm`` counts
@@ -63,7 +58,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optim.Optimizer, lr: optax.Sched
   def step(state, batch):
     params, frozen = optim.trainable(state["params"], trainable)
     rng = jax.random.fold_in(jax.random.key(seed), state["step"])
-    f = lambda p: forward_loss(graphdef, nnx.merge_state(p, frozen), state["rest"], batch, z_loss, rng)
+    f = lambda p: forward_loss(graphdef, nnx.merge_state(p, frozen), state["rest"], batch, z_loss, rng, loss_chunk)
     (loss, aux), grads = sparse.value_and_grad(f, params, tx.row_sparse, staged(tx, batch))
     grads, host = tx.pop_host(grads)
     updates, opt = tx.update(grads, state["opt"], params, host_norm_sq=sparse.norm_sq(host))
