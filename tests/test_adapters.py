@@ -115,7 +115,7 @@ def test_a_target_that_names_nothing_fails_clearly():
     Decoder(cfg, rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("kind", ["lora", "dora"])
+@pytest.mark.parametrize("kind", ["lora", pytest.param("dora", marks=pytest.mark.slow)])  # dora trains in test-slow (~45 s)
 def test_fiddler_trains_only_the_adapters(kind):
   exp = fdl.build(cli.build_config(["config:tiny", f"fiddler:{kind}(rank=4, targets=('w_up', 'w_down'))",
                                     "set:train.steps=3", "set:train.progress=False", "set:eval.valid_batches=0"]))

@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import cli
 from kernels import common, native
-from pmem.core import accounting, mesh as mesh_lib
+from pmem.core import accounting, mesh as mesh_lib, variables
 from pmem.core.variables import MemoryTable
 from pmem.memory import lookup
 from pmem.models import LayerOverride
@@ -405,6 +405,8 @@ def host_store(max_unique=4):
 
 
 def test_host_staging_dedups_bounds_and_refreshes_rows_written_after_staging():
+  for x in (np.array([[7, 2, 7], [2, 9, 9]]), np.zeros(0, np.int32), np.array([3])):
+    np.testing.assert_array_equal(variables.unique(x), np.unique(x))
   host = host_store()
   staged = host.stage({"inputs": np.array([[7, 2, 7], [2, 9, 9]])})["t"]
   np.testing.assert_array_equal(staged["slots"], [[2, 7, 9, 10]] * 2)
@@ -416,6 +418,35 @@ def test_host_staging_dedups_bounds_and_refreshes_rows_written_after_staging():
   refreshed = host._refresh({"t": staged}, {"t": np.array([7, 8])})["t"]
   np.testing.assert_array_equal(refreshed["rows"][:, 1], -np.ones((2, 3)))
   np.testing.assert_array_equal(refreshed["rows"][:, 0], host.tables["t"][:, 2])
+
+
+@pytest.mark.skipif(native.available() is not None, reason="native kernels unavailable")
+@pytest.mark.parametrize("optimizer, weight_decay, clip_norm", [("adam", 0.0, None), ("adam", 0.1, 1.0),
+                                                                ("adamw", 0.1, 1e-3)])
+def test_host_native_update_equals_the_gathered_update_bitwise(optimizer, weight_decay, clip_norm):
+  # the one native pass over the host table vs its rows gathered, updated as a table, scattered back
+  v, d, u = 300, 8, 64
+  cfg = optim.TableOptimConfig(update="row_sparse", optimizer=optimizer, weight_decay=weight_decay, clip_norm=clip_norm)
+  tx = optim.Optimizer(optim.OptimConfig(tables=cfg), 10).with_host({"t": v})
+  assert sparse.implementation(cfg, jnp.float32) == "native"
+  table = np.random.default_rng(0).standard_normal((2, v, d), dtype=np.float32)  # two stacked layers
+  fused, gathered = (host_tables.HostTables(tx, {"t": table.copy()}, {"t": "inputs"}, u) for _ in range(2))
+  for h in (fused, gathered):
+    h.state["t"]["count"][:, :100] = 5000  # past the first table of bias corrections: it grows
+  rng = np.random.default_rng(1)
+  for step in range(4):
+    ids, g = np.full((2, u + 4), v, np.int32), np.zeros((2, u + 4, d), np.float32)  # slots past u: padding
+    for i in range(2):
+      x = np.unique(rng.integers(0, v, u))
+      ids[i, :x.size], g[i, :x.size] = x, rng.standard_normal((x.size, d))
+    out = {"grads": {"t": sparse.Rows(ids, g)}, "lr": np.float32(0.01), "norm": np.float32(0.5 + step)}
+    written = fused.apply(out)
+    gathered._gathered("t", ids[:, :u], g[:, :u], out["lr"], out["norm"])
+    np.testing.assert_array_equal(written["t"], np.unique(ids[ids < v]))
+  assert len(fused.bc) > 5004 and fused.state["t"]["count"].max() > 5001  # counts past the first table
+  np.testing.assert_array_equal(fused.tables["t"], gathered.tables["t"])
+  for k in ("mu", "nu", "count"):
+    np.testing.assert_array_equal(fused.state["t"][k], gathered.state["t"][k], err_msg=k)
 
 
 def test_prefetch_stages_ahead_and_reports_the_position_of_the_next_batch():

@@ -1,9 +1,9 @@
 """Train-step throughput of pmem's dense decoder vs HF transformers LlamaForCausalLM (torch CPU).
 
 Both run the same configuration (fwd + bwd + AdamW, fp32, random ids). ``pmem`` runs the default
-scanned layer stack and ``pmem_noscan`` unrolled layers; each ``--kernel_impl NAME`` adds a row
-``pmem_NAME``, the scanned stack with ``model.kernel_impl=NAME`` (``auto`` on CPU: the native attention
-kernel, kernels.attention), each ``--loss_chunk N`` a row ``pmem_chunkN`` with ``train.loss_chunk=N``
+scanned layer stack and ``pmem_noscan`` unrolled layers; each ``--kernel_impl NAME`` adds rows
+``pmem_NAME`` and ``pmem_noscan_NAME``, both stacks with ``model.kernel_impl=NAME`` (``auto`` on CPU: the
+native attention kernel, kernels.attention), each ``--loss_chunk N`` a row ``pmem_chunkN`` with ``train.loss_chunk=N``
 (0: the loss of the whole logits, not the fused head + cross-entropy). After warm-up the
 implementations alternate, one step each (A B C A B C ...), so machine noise hits all alike;
 medians are reported.
@@ -48,7 +48,7 @@ def main() -> None:
   ap.add_argument("--seq_len", type=int, default=256)
   ap.add_argument("--batch_size", type=int, default=16)
   ap.add_argument("--kernel_impl", action="append", default=[], choices=IMPLEMENTATIONS,
-                  help="also time pmem with model.kernel_impl=NAME (row pmem_NAME; repeatable)")
+                  help="also time pmem with model.kernel_impl=NAME (rows pmem_NAME, pmem_noscan_NAME; repeatable)")
   ap.add_argument("--loss_chunk", action="append", default=[], type=int,
                   help="also time pmem with train.loss_chunk=N (row pmem_chunkN; repeatable)")
   ap.add_argument("--oracle_python", default=os.environ.get("PMEM_ORACLE_PYTHON", str(ROOT / ".venv-oracle/bin/python")))
@@ -76,7 +76,8 @@ def main() -> None:
   model = nnx.eval_shape(lambda: Decoder(exp.model, rngs=nnx.Rngs(0)))
   steppers = {"pmem": pmem_stepper(exp.model),
               "pmem_noscan": pmem_stepper(dataclasses.replace(exp.model, scan_layers=False)),
-              **{f"pmem_{k}": pmem_stepper(dataclasses.replace(exp.model, kernel_impl=k)) for k in a.kernel_impl},
+              **{f"pmem{u}_{k}": pmem_stepper(dataclasses.replace(exp.model, kernel_impl=k, scan_layers=not u))
+                 for k in a.kernel_impl for u in ("", "_noscan")},
               **{f"pmem_chunk{n}": pmem_stepper(exp.model, loss_chunk=n) for n in a.loss_chunk}}
   worker = TorchWorker(a.oracle_python, "hf_llama.py", json.dumps(hf_config(model)), str(b), str(t))
   steppers["hf_torch"] = worker.step

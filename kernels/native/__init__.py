@@ -21,6 +21,7 @@ import tempfile
 import warnings
 
 import jax
+import numpy as np
 
 from kernels.common import Unavailable
 
@@ -70,9 +71,15 @@ def library() -> pathlib.Path:
 
 
 @functools.cache
+def cdll() -> ctypes.CDLL:
+  """The built library, loaded (its FFI targets and the plain C functions of :func:`host_row_adam`)."""
+  return ctypes.CDLL(str(library()))
+
+
+@functools.cache
 def load() -> None:
   """Build (if needed), load and register every target with XLA:CPU."""
-  lib = ctypes.cdll.LoadLibrary(str(library()))
+  lib = cdll()
   for name, symbol in TARGETS.items():
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
 
@@ -94,3 +101,28 @@ def call(target: str, out, *args: jax.Array, aliases: dict[int, int] | None = No
   ``attrs``; ``aliases`` {arg: output}: outputs written in the args' buffers (in place when XLA can donate)."""
   load()
   return jax.ffi.ffi_call(target, out, vmap_method="sequential", input_output_aliases=aliases)(*args, **attrs)
+
+
+def host_row_adam(table, mu, nu, count, ids, g, m: int, bc, k, decay: int) -> int | None:
+  """``PmemHostRowAdam`` (``kernels.cc``, without the GIL): lazy Adam of the rows ``ids [..., n]`` (the first
+  ``m`` slots) of NumPy ``table, mu, nu [..., V, D]`` and ``count [..., V]`` in place (leading dims: stacked
+  layers), for gradient rows ``g [..., n, D]``; ``bc [C, 2]`` the bias corrections by step count, ``k`` the 9
+  scalars. Returns the rows written, or None (nothing written) if a new count is not below ``C``."""
+  *lead, v, d = table.shape
+  n = ids.shape[-1]
+  args = [(table, np.float32, table.shape, True), (mu, np.float32, table.shape, True),
+          (nu, np.float32, table.shape, True), (count, np.int32, table.shape[:-1], True),
+          (ids, np.int32, (*lead, n), False), (g, np.float32, (*lead, n, d), False),
+          (bc, np.float32, (len(bc), 2), False), (k, np.float32, (9,), False)]
+  for i, (x, dt, shape, out) in enumerate(args):
+    if x.dtype != dt or x.shape != shape or not x.flags.c_contiguous or (out and not x.flags.writeable):
+      raise ValueError(f"host_row_adam: argument {i} must be a C-contiguous{' writable' * out} {np.dtype(dt).name} "
+                       f"array {shape}, got {x.dtype} {x.shape}")
+  if not 0 <= m <= n or decay not in (0, 1, 2):
+    raise ValueError(f"host_row_adam: m={m} of {n} slots, decay={decay}")
+  f, i64 = cdll().PmemHostRowAdam, ctypes.c_int64
+  f.restype = i64
+  p = [ctypes.c_void_p(x.ctypes.data) for x, *_ in args]
+  out = f(*p[:4], i64(int(np.prod(lead))), i64(v), i64(d), p[4], p[5], i64(n), i64(m), p[6], i64(len(bc)), p[7],
+          i64(decay))
+  return None if out == -2 else out

@@ -887,3 +887,64 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PmemAttnBwd, AttnBwd,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+// ---- Host-resident tables (pmem/train/host_tables.py): plain C functions called through ctypes ----
+//
+// pmem_host_row_adam  RowAdam's lazy Adam (the same AdamRow) on a host table in place: gather, update and
+//                     scatter of each touched row and its moments in one pass, and its step count incremented.
+//
+// Not FFI handlers: their arrays are NumPy's (no XLA buffers, no copies); ctypes releases the GIL during a call.
+
+// Lazy Adam on the rows ids [L, n] (the first m of each layer's n slots; ids outside [0, V) skipped) of table, mu,
+// nu [L, V, D] and count [L, V] (int32, incremented) in place, with gradient rows g [L, n, D]. bc [nbc, 2] holds
+// (1 - b1^c, 1 - b2^c) by step count c (XLA's pow, as RowAdam's caller computes them). k = (lr, global norm, clip
+// norm (0: none), weight decay, b1, b2, 1 - b1, 1 - b2, eps); decay as RowAdam. Returns the rows written; -1 for
+// a bad decay, -2 (nothing written) if a new count is not below nbc. Each row is updated as RowAdam updates it
+// (rows are independent: any split over threads gives the same), so the results equal a gather, pmem_row_adam
+// and a scatter bit for bit. Ranges of at least 1024 rows go to std::threads, one per core at most.
+extern "C" int64_t PmemHostRowAdam(float* table, float* mu, float* nu, int32_t* count, int64_t layers, int64_t v,
+                                   int64_t d, const int32_t* ids, const float* g, int64_t n, int64_t m,
+                                   const float* bc, int64_t nbc, const float* k, int64_t decay) {
+  if (decay < 0 || decay > 2) return -1;
+  const auto valid = [v](int32_t id) { return static_cast<uint64_t>(id) < static_cast<uint64_t>(v); };
+  for (int64_t l = 0; l < layers; ++l)  // the counts first (their lines then stay in cache)
+    for (int64_t u = 0; u < m; ++u)
+      if (valid(ids[l * n + u]) && count[l * v + ids[l * n + u]] >= nbc - 1) return -2;
+  const float kk[9] = {k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7], k[8]};
+  const bool clip = k[2] != 0.0f && !(k[1] < k[2]);  // as RowAdam
+  using Row = void (*)(float*, float*, float*, const float*, int64_t, float, float, const float (&)[9]);
+  const Row rows[2][3] = {{AdamRow<false, 0>, AdamRow<false, 1>, AdamRow<false, 2>},
+                          {AdamRow<true, 0>, AdamRow<true, 1>, AdamRow<true, 2>}};
+  const Row row = rows[clip][k[3] != 0.0f ? decay : 0];
+  const int64_t total = layers * m;
+  // slots [b, e) of the flattened (layer, slot) order; the rows 16 slots ahead prefetched
+  const auto run = [&](int64_t b, int64_t e, int64_t* written) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t l = i / m, u = i % m;
+      if (i + 16 < e) {
+        const int64_t la = (i + 16) / m, id = ids[la * n + (i + 16) % m];
+        if (valid(id))
+          for (float* x : {table, mu, nu})
+            for (int64_t c = 0; c < d; c += 16) __builtin_prefetch(x + (la * v + id) * d + c, 1);
+      }
+      const int32_t id = ids[l * n + u];
+      if (!valid(id)) continue;
+      const int64_t r = (l * v + id) * d;
+      const int32_t c = ++count[l * v + id];
+      row(table + r, mu + r, nu + r, g + (l * n + u) * d, d, 1.0f / bc[2 * c], 1.0f / bc[2 * c + 1], kk);
+      ++*written;
+    }
+  };
+  const int64_t parts = std::clamp<int64_t>(total / 1024, 1, std::max(1u, std::thread::hardware_concurrency()));
+  std::vector<int64_t> written(parts, 0);
+  std::vector<std::thread> threads;
+  for (int64_t p = 1; p < parts; ++p)
+    threads.emplace_back(run, total * p / parts, total * (p + 1) / parts, &written[p]);
+  run(0, total / parts, &written[0]);
+  int64_t sum = 0;
+  for (int64_t p = 0; p < parts; ++p) {
+    if (p) threads[p - 1].join();
+    sum += written[p];
+  }
+  return sum;
+}

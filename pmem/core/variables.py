@@ -36,10 +36,16 @@ def with_values(tables: Mapping[str, tuple[tuple, nnx.Variable]], values: Mappin
   return nnx.from_flat_state([(p, v.replace(values[name])) for name, (p, v) in tables.items()])
 
 
+def unique(x: np.ndarray) -> np.ndarray:
+  """The sorted distinct values of ``x`` (flattened): ``np.unique`` by a sort (NumPy 2.5's is ~10x slower)."""
+  s = np.sort(x, axis=None)
+  return s[np.concatenate([np.ones(min(s.size, 1), bool), s[1:] != s[:-1]])]
+
+
 def stage_rows(name: str, table: np.ndarray, ids: np.ndarray, max_unique: int) -> dict[str, np.ndarray]:
   """``{rows [..., U, D], slots [..., U]}`` of a host table ``[..., V, D]`` for the ids a batch reads:
   the sorted unique ids (padded with ``V`` to ``U = max_unique``) and their rows (zeros after)."""
-  ids, v = np.unique(np.asarray(ids)), table.shape[-2]
+  ids, v = unique(np.asarray(ids)), table.shape[-2]
   if ids.size and (ids[0] < 0 or ids[-1] >= v):
     raise ValueError(f"host table {name!r} ({v} rows) is read with ids in [{ids[0]}, {ids[-1]}]")
   if ids.size > max_unique:
@@ -47,6 +53,6 @@ def stage_rows(name: str, table: np.ndarray, ids: np.ndarray, max_unique: int) -
                      f"{max_unique} staged rows (train.optim.tables.max_unique)")
   slots = np.full((max_unique,), v, np.int32)
   slots[:ids.size] = ids
-  rows = np.zeros((*table.shape[:-2], max_unique, table.shape[-1]), table.dtype)
-  rows[..., :ids.size, :] = table[..., ids, :]
+  rows = np.take(table, slots, axis=-2, mode="clip")  # one pass (padding reads row V - 1: zeroed)
+  rows[..., ids.size:, :] = 0
   return {"rows": rows, "slots": np.broadcast_to(slots, rows.shape[:-1]).copy()}  # per stacked layer

@@ -2,15 +2,18 @@
 
 For each batch a host stage takes the table's ids from the batch (``index=`` metadata of the
 MemoryTable: the batch field the module reads it with, e.g. ``"inputs"`` for a token-indexed
-table), deduplicates them (``np.unique``), gathers those rows ``[..., U, D]`` and ships them with
-the batch (``batch["tables"]``, padded to ``max_unique`` rows; more unique ids than that is an
+table), deduplicates them (``variables.unique``), gathers those rows ``[..., U, D]`` and ships them
+with the batch (``batch["tables"]``, padded to ``max_unique`` rows; more unique ids than that is an
 error). The device step reads the staged rows through the same tapped lookups as a device
 table (``pmem.train.sparse``) and returns the compact row gradients, the learning rate and the
-clip norm; :meth:`HostTables.apply` runs the same row update (:func:`sparse.update_rows`, jitted)
-on the host and writes the rows back. Staging of batch ``s + 1`` (unique + gather) runs in a
-background thread while step ``s`` computes; after step ``s``'s rows are written back, the staged
-rows of ``s + 1`` that step ``s`` changed are gathered again, so training equals device-resident
-row-sparse training (bitwise on CPU, tested).
+clip norm; :meth:`HostTables.apply` runs the device's row update on the host in place: where the
+device's is the native lazy Adam (CPU, adam / adamw), one native pass over the touched rows of
+the NumPy table and its state (``kernels.native.host_row_adam``: the same per-row arithmetic, no
+gathered copies, the GIL released), else :func:`sparse.update_rows` jitted on the gathered rows,
+scattered back. Staging of batch ``s + 1`` (unique + gather) runs in a background thread while
+step ``s`` computes; after step ``s``'s rows are written back, the staged rows of ``s + 1`` that
+step ``s`` changed are gathered again, so training equals device-resident row-sparse training
+(bitwise on CPU, tested).
 
 Only tables whose ids are known before the forward can live on the host (token / n-gram
 indexed). Tables whose ids are computed in the forward (product-key top-k) have no ``index=``
@@ -30,6 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from kernels import native
 from pmem.core import variables
 from pmem.train import optim, sparse
 
@@ -78,9 +82,11 @@ class HostTables:
                max_unique: int):
     if jax.process_count() > 1:
       raise NotImplementedError("host-resident tables are single-process")
-    self.tx, self.tables, self.index, self.max_unique = tx, dict(tables), dict(index), max_unique
+    self.tables = {name: np.ascontiguousarray(x) for name, x in tables.items()}  # the native update's layout
+    self.tx, self.index, self.max_unique = tx, dict(index), max_unique
     t = tx.cfg.tables
     self.state = {name: sparse.init_state(t, x.shape, np) for name, x in self.tables.items()}
+    self.bc = np.zeros((0, 2), np.float32)  # Adam's bias corrections by step count (native update)
     self.pending: collections.deque[_Item] = collections.deque()  # yielded, not yet stepped (<= 1)
     self.ahead: _Item | None = None  # pulled and being staged, not yet yielded
     self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pmem-host-tables")
@@ -124,10 +130,11 @@ class HostTables:
             for name, table in self.tables.items()}
 
   def _refresh(self, staged: dict, written: Mapping[str, np.ndarray]) -> dict:
-    """Gathers again the staged rows that were written after they were staged."""
+    """Gathers again the staged rows that were written (sorted ``written`` ids) after they were staged."""
     for name, ids in written.items():
-      slots, table = staged[name]["slots"].reshape(-1, self.max_unique)[0], self.tables[name]
-      pos = np.nonzero(np.isin(slots, ids))[0]
+      slots, table = staged[name]["slots"].reshape(-1, self.max_unique)[0], self.tables[name]  # sorted, then V
+      j = np.minimum(np.searchsorted(slots, ids), slots.size - 1)
+      pos = j[slots[j] == ids]
       staged[name]["rows"][..., pos, :] = table[..., slots[pos], :]
     return staged
 
@@ -142,24 +149,45 @@ class HostTables:
     out = jax.device_get(out)
     written = {}
     for name, g in out["grads"].items():
-      table, state = self.tables[name], self.state[name]
-      n, v = table.ndim - 2, table.shape[-2]
+      v = self.tables[name].shape[-2]
       if (g.ids[..., self.max_unique:] < v).any():
         raise RuntimeError(f"host table {name!r}: more unique ids came back than were staged")
-      ids, rows = g.ids[..., :self.max_unique], g.rows[..., :self.max_unique, :]
-      valid = ids < v
-      idx = np.where(valid, ids, 0)
-      take = lambda x: np.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - n - 1)), axis=n)  # noqa: E731
-      with jax.default_device(self.cpu):
-        new, s_new = jax.device_get(self._update(take(table), {k: take(x) for k, x in state.items()}, rows,
-                                                 out["lr"], out["norm"]))
-      for i in np.ndindex(table.shape[:n]):  # per stacked layer
-        keep = valid[i]
-        table[i][ids[i][keep]] = new[i][keep]
-        for k, x in state.items():
-          x[i][ids[i][keep]] = s_new[k][i][keep]
-      written[name] = np.unique(ids[valid])
+      ids = g.ids[..., :self.max_unique]
+      if sparse.implementation(self.tx.cfg.tables, self.tables[name].dtype) == "native":
+        self._native(name, g, ids.shape[-1], out["lr"], out["norm"])
+      else:
+        self._gathered(name, ids, g.rows[..., :self.max_unique, :], out["lr"], out["norm"])
+      written[name] = variables.unique(ids[ids < v])
     return written
+
+  def _native(self, name: str, g: sparse.Rows, m: int, lr, norm) -> None:
+    """Lazy Adam of the first ``m`` slots' rows in place, in one native pass (``pmem_row_adam``'s
+    arithmetic row by row: it equals :meth:`_gathered` bitwise); the bias corrections come from a table
+    by step count, grown when a count outgrows it."""
+    t, s = self.tx.cfg.tables, self.state[name]
+    k = np.array([lr, norm, t.clip_norm or 0.0, t.weight_decay, t.b1, t.b2, 1 - t.b1, 1 - t.b2, self.tx.cfg.eps],
+                 np.float32)
+    while native.host_row_adam(self.tables[name], s["mu"], s["nu"], s["count"], g.ids, g.rows, m, self.bc, k,
+                               2 if t.optimizer == "adamw" else 1) is None:
+      with jax.default_device(self.cpu):
+        c = np.arange(max(2 * len(self.bc), 4096), dtype=np.int32)
+        self.bc = np.asarray(jax.jit(functools.partial(sparse.bias_corrections, t))(c))
+
+  def _gathered(self, name: str, ids: np.ndarray, rows: np.ndarray, lr, norm) -> None:
+    """The row update of other optimizers and backends: the touched rows and their state gathered,
+    :func:`sparse.update_rows` on them (jitted, on the CPU), scattered back."""
+    table, state = self.tables[name], self.state[name]
+    n, v = table.ndim - 2, table.shape[-2]
+    valid = ids < v
+    idx = np.where(valid, ids, 0)
+    take = lambda x: np.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - n - 1)), axis=n)  # noqa: E731
+    with jax.default_device(self.cpu):
+      new, s_new = jax.device_get(self._update(take(table), {k: take(x) for k, x in state.items()}, rows, lr, norm))
+    for i in np.ndindex(table.shape[:n]):  # per stacked layer
+      keep = valid[i]
+      table[i][ids[i][keep]] = new[i][keep]
+      for k, x in state.items():
+        x[i][ids[i][keep]] = s_new[k][i][keep]
 
   def train_step(self, step: Callable) -> Callable:
     """``step(state, batch) -> (state, metrics)`` around the jitted device step (3 outputs): ships
@@ -194,8 +222,8 @@ class HostTables:
 
   def restore(self, arrays: Mapping) -> None:
     for name in self.tables:
-      self.tables[name] = arrays[name]["table"]
-      self.state[name] = {k: arrays[name][k] for k in self.state[name]}
+      self.tables[name] = np.ascontiguousarray(arrays[name]["table"])
+      self.state[name] = {k: np.ascontiguousarray(arrays[name][k]) for k in self.state[name]}
     self.pending.clear()
     self.ahead = None
 

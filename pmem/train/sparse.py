@@ -289,6 +289,11 @@ def update_rows(cfg, eps: float, table: jax.Array, state: dict[str, jax.Array], 
   return Written(table, jnp.sum(sq)), state
 
 
+def bias_corrections(cfg, c: Int[Array, "..."]) -> Float[Array, "... 2"]:
+  """Adam's ``(1 - b1^c, 1 - b2^c)`` for step counts ``c`` as the native row update reads them."""
+  return jnp.stack([1 - cfg.b1 ** c, 1 - cfg.b2 ** c], -1).astype(jnp.float32)
+
+
 def _native_adam(cfg, eps: float, table, state, grad: Rows, lr, norm) -> tuple[Written, dict[str, jax.Array]]:
   """:func:`update_rows` by ``pmem_row_adam``: stacked tables as one of ``L·V`` rows; the per-row
   counts and bias corrections ``1 - b^c`` (XLA's ``pow``) stay in XLA."""
@@ -299,7 +304,7 @@ def _native_adam(cfg, eps: float, table, state, grad: Rows, lr, norm) -> tuple[W
   flat = lambda x: x.reshape(n, *x.shape[len(lead) + 1:])  # noqa: E731
   count = flat(state["count"])
   c = count.at[ids].get(mode="fill", fill_value=0) + 1
-  bc = jnp.stack([1 - cfg.b1 ** c, 1 - cfg.b2 ** c], -1).astype(jnp.float32)
+  bc = bias_corrections(cfg, c)
   scal = jnp.stack([jnp.asarray(x, jnp.float32) for x in (lr, norm, cfg.clip_norm or 0.0, cfg.weight_decay)])
   f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
   t, mu, nu, sq = native.call(
