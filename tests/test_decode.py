@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding
 
 import configs
 from configs import cli
+from kernels import native
 from pmem.core import mesh as mesh_lib, rules
 from pmem.core.mixer import TokenContext, batch_features
 from pmem.data.tokenizer import ByteTokenizer
@@ -48,11 +49,12 @@ VARIANTS = {"hybrid_periodic": ["config:tiny", "set:model.n_layers=6", "fiddler:
 B, T, P, MAX_LEN = 4, 16, 7, 20  # rows, tokens, prompt, cache
 
 
-def model_of(name: str, scan: bool = True, window: int | None = None) -> Decoder:
+def model_of(name: str, scan: bool = True, window: int | None = None, kernel_impl: str = "xla") -> Decoder:
   """The config's model with every parameter perturbed (zero-initialised routers, gates and convs
   would hide their decode paths)."""
   cfg = cli.build_config(VARIANTS.get(name, [f"config:{name}"]))
   cfg.model.scan_layers = scan
+  cfg.model.kernel_impl = kernel_impl
   if window is not None:
     cfg.model.sequence_mixer.window = window
   model = Decoder(fdl.build(cfg.model), rngs=nnx.Rngs(0))
@@ -134,6 +136,16 @@ def test_prefill_then_decode_equals_full_forward_on_a_mesh(name, scan):
     if path[-1] in {jax.tree_util.DictKey(n) for n in want} and jax.tree_util.DictKey("conv") not in path:
       spec = (*x.sharding.spec, *[None] * (x.ndim - len(x.sharding.spec)))
       assert spec[-4:] == want[path[-1].key], (path, spec)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu" or native.available() is not None, reason="native CPU kernels unavailable")
+def test_native_attention_full_forward_equals_prefill_then_decode():
+  """With ``model.kernel_impl="auto"`` (on CPU: the native attention; the norms have no native kernel and stay
+  XLA's) the full forward runs the native attention, prefill and decode over the cache XLA's: the same logits
+  within rounding."""
+  model = model_of("tiny", kernel_impl="auto")
+  full, inc, _ = full_and_incremental(model, *stream())
+  assert_logits_close(inc, full, model)
 
 
 def test_sliding_window_cache_is_a_ring_of_window_slots():
