@@ -1,6 +1,7 @@
 """kernels.attention: native and xla against a float64 NumPy transcription of masked softmax attention
 (output and the three gradients), against each other, check_grads on the native custom_vjp, padding rows,
-xla == jax.nn.dot_product_attention, the layer's kernel_impl."""
+xla == jax.nn.dot_product_attention, the layer's kernel_impl; the Pallas TPU / GPU library kernels
+(interpreted on CPU) against the same transcription where their shapes allow."""
 
 import json
 import pathlib
@@ -99,6 +100,56 @@ def test_against_float64(impl, case):
     assert_close(x, y, terms=r, scale=float(m.max()), k=0.5, err_msg=name)
 
 
+PALLAS = ["pallas_tpu", "pallas_gpu"]
+PALLAS_CASES = {  # (B, T, N, K, H, docs, pad): T a multiple of 128, no window
+    "gqa2_T128_pad": (2, 128, 4, 2, 32, 3, 9),
+    "mha_T256_H64": (1, 256, 2, 2, 64, 2, 0),
+}
+
+
+@pytest.mark.parametrize("impl", PALLAS)
+@pytest.mark.parametrize("case", list(PALLAS_CASES))
+def test_pallas_against_float64(impl, case):
+  """The library flash kernels (interpreted here) under the op's GQA and padding rules: o, dq, dk, dv within the
+  float64 bound of the native kernels (the same tiled online softmax)."""
+  b, t, n, kv, h, docs, pad = PALLAS_CASES[case]
+  rng = np.random.default_rng(sum(map(ord, case)))
+  q, do = (rng.standard_normal((b, t, n, h), np.float32) for _ in range(2))
+  k, v = (rng.standard_normal((b, t, kv, h), np.float32) for _ in range(2))
+  seg, pos = packed(b, t, docs, pad, rng)
+  want, mags, score = reference(q, k, v, seg, pos, None, do)
+  got = run(impl, q, k, v, seg, pos, None, do)
+  for name, x, y, m, r in zip(("o", "dq", "dk", "dv"), got, want, mags, terms(t, h, n // kv, score)):
+    assert_close(x, y, terms=r, scale=float(m.max()), k=0.5, err_msg=name)
+
+
+@pytest.mark.parametrize("impl", PALLAS)
+def test_pallas_refuses(impl):
+  """What the library kernels cannot express is refused by name (auto then runs another implementation)."""
+  q = jnp.zeros((1, 128, 2, 8), jnp.float32)
+  seg = pos = jnp.ones((1, 128), jnp.int32)
+  with pytest.raises(Unavailable, match="window"):
+    attention(q, q, q, seg, pos, 16, implementation=impl)
+  with pytest.raises(Unavailable, match="divisible by 128"):
+    attention(q[:, :100], q[:, :100], q[:, :100], seg[:, :100], pos[:, :100], implementation=impl)
+
+
+def test_pallas_tpu_lowers_for_tpu():
+  """jax.export lowers the uninterpreted TPU flash kernel, forward and backward, float32 and bfloat16, to its
+  Mosaic custom calls with the op's output shapes (compiling needs a TPU). The GPU kernel's Triton lowering asks
+  for a GPU device's compute capability, so it has no such check here."""
+  from kernels.attention import pallas_tpu
+  sds = jax.ShapeDtypeStruct
+  for dt in (jnp.float32, jnp.bfloat16):
+    q, k, seg = sds((2, 256, 4, 64), dt), sds((2, 256, 2, 64), dt), sds((2, 256), jnp.int32)
+    f = lambda q, k, v, seg: pallas_tpu.attention(q, k, v, seg, seg, None, interpret=False)  # noqa: E731
+    g = jax.grad(lambda q, k, v, seg: f(q, k, v, seg).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+    for fn, outs in ((f, [q]), (g, [q, k, k])):
+      exported = jax.export.export(jax.jit(fn), platforms=["tpu"])(q, k, k, seg)
+      assert "stablehlo.custom_call @tpu_custom_call" in exported.mlir_module()
+      assert [(a.shape, a.dtype) for a in exported.out_avals] == [(o.shape, o.dtype) for o in outs]
+
+
 @needs_native
 @pytest.mark.parametrize("window", [None, 5])
 def test_native_equals_xla(window):
@@ -116,21 +167,22 @@ def test_native_equals_xla(window):
     assert_close(x, y, terms=r, scale=float(m.max()), err_msg=name)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS + PALLAS)
 def test_padding_rows(impl):
   """A padding query averages every v (dot_product_attention's masked softmax) and passes no gradient to q
   or k; padding keys get dv from it alone."""
   rng = np.random.default_rng(2)
-  q = rng.standard_normal((1, 10, 2, 8), np.float32)
-  k, v = (rng.standard_normal((1, 10, 1, 8), np.float32) for _ in range(2))
-  seg, pos = np.array([[1] * 6 + [0] * 4], np.int32), np.arange(10, dtype=np.int32)[None]
+  t, p = 128, 40  # T a multiple of 128 for the library kernels; the last p tokens are padding
+  q = rng.standard_normal((1, t, 2, 8), np.float32)
+  k, v = (rng.standard_normal((1, t, 1, 8), np.float32) for _ in range(2))
+  seg, pos = np.array([[1] * (t - p) + [0] * p], np.int32), np.arange(t, dtype=np.int32)[None]
   do = np.zeros_like(q)
-  do[:, 6:] = 1.0  # only the padding rows' outputs reach the loss
+  do[:, t - p:] = 1.0  # only the padding rows' outputs reach the loss
   o, dq, dk, dv = run(impl, q, k, v, seg, pos, None, do)
-  assert_close(o[0, 6:], np.broadcast_to(v[0].astype(np.float64).mean(0), (4, 2, 8)), terms=10)
+  assert_close(o[0, t - p:], np.broadcast_to(v[0].astype(np.float64).mean(0), (p, 2, 8)), terms=t)
   np.testing.assert_array_equal(dq, 0.0)
   np.testing.assert_array_equal(dk, 0.0)
-  assert_close(dv, np.full(v.shape, 4 * 2 / 10), terms=8)  # 4 rows x 2 heads, each dO / T
+  assert_close(dv, np.full(v.shape, p * 2 / t), terms=2 * p)  # p rows x 2 heads, each dO / T
 
 
 @needs_native
@@ -179,7 +231,7 @@ def test_layer_kernel_impl():
   seg, pos = packed(b, t, 2, 3, rng)
   ctx = TokenContext(jnp.zeros((b, t), jnp.int32), jnp.asarray(pos), jnp.asarray(seg))
   make = lambda impl: Attention(d, n, kv, window=6, kernel_impl=impl, rngs=nnx.Rngs(0))  # noqa: E731
-  assert make("pallas").kernel_impl == "xla"
+  assert make("triton").kernel_impl == "xla"
   xla_layer, layer = make("xla"), make("auto")
   loss = lambda m: (m(x, ctx) ** 2).sum()  # noqa: E731
   assert "pmem_attn_bwd" in str(jax.make_jaxpr(nnx.grad(loss))(layer))
@@ -190,6 +242,27 @@ def test_layer_kernel_impl():
   score, vmax = float(norm(layer.wq) * norm(layer.wk)) / np.sqrt(h), float(np.abs(proj(layer.wv)).max())
   wsum = float(np.abs(np.asarray(layer.wo[...])).sum((0, 1)).max())
   assert_close(layer(x, ctx), xla_layer(x, ctx), terms=terms(t, h, n // kv, score)[0] + n * h, scale=vmax * wsum)
+
+
+def test_layer_pallas_where_it_runs():
+  """kernel_impl="pallas": the layer runs the (interpreted) flash kernel where it takes the layer, T = 128 and no
+  window, and gives xla's output within the op's bound carried through wo; a windowed layer, or T = 24, keeps xla."""
+  rng = np.random.default_rng(6)
+  b, t, d, n, kv = 1, 128, 32, 4, 2
+  h = d // n
+  x = jnp.asarray(rng.standard_normal((b, t, d)), jnp.float32)
+  seg, pos = packed(b, t, 2, 5, rng)
+  ctx = lambda t: TokenContext(jnp.zeros((b, t), jnp.int32), jnp.asarray(pos[:, :t]), jnp.asarray(seg[:, :t]))  # noqa: E731
+  make = lambda impl, window=None: Attention(d, n, kv, window=window, kernel_impl=impl, rngs=nnx.Rngs(0))  # noqa: E731
+  layer, ref = make("pallas"), make("xla")
+  assert "pallas_call" in str(jax.make_jaxpr(lambda x: layer(x, ctx(t)))(x))
+  for lay, tt in ((make("pallas", 16), t), (layer, 24)):
+    assert "pallas_call" not in str(jax.make_jaxpr(lambda x: lay(x, ctx(tt)))(x[:, :tt]))
+  proj = lambda w: np.asarray(x).reshape(b * t, d) @ np.asarray(w[...]).reshape(d, -1)  # noqa: E731
+  norm = lambda w: np.linalg.norm(proj(w).reshape(b * t, -1, h), axis=-1).max()  # noqa: E731
+  score, vmax = float(norm(layer.wq) * norm(layer.wk)) / np.sqrt(h), float(np.abs(proj(layer.wv)).max())
+  wsum = float(np.abs(np.asarray(layer.wo[...])).sum((0, 1)).max())
+  assert_close(layer(x, ctx(t)), ref(x, ctx(t)), terms=terms(t, h, n // kv, score)[0] + n * h, scale=vmax * wsum)
 
 
 @needs_native

@@ -26,7 +26,8 @@ from kernels.common import Unavailable
 f32 = jnp.float32
 
 
-def check(dtype) -> None:
+def check(dtype, shape, window) -> None:
+  del shape, window  # any T, H and window
   if jnp.dtype(dtype) != f32:
     raise Unavailable(f"native attention takes float32, got {jnp.dtype(dtype).name}")
   if (reason := native.available()) is not None:

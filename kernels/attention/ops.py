@@ -17,6 +17,8 @@ head's group).
 |---|---|
 | ``xla.py`` | ``jax.nn.dot_product_attention`` with the boolean mask, autodiff (what ``pmem.layers.attention`` ran before the op, bit for bit) |
 | ``native.py`` | C++ through the XLA FFI (``kernels/native/kernels.cc``), float32; the custom_vjp |
+| ``pallas_tpu.py`` | ``jax.experimental.pallas.ops.tpu.flash_attention`` (``library.py``: GQA, padding rows); no window |
+| ``pallas_gpu.py`` | ``jax.experimental.pallas.ops.gpu.attention.mha`` (Pallas via Triton; ``library.py``); no window |
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from kernels.attention import xla
 from kernels.attention.xla import segment_causal_mask
 
 __all__ = ["IMPLEMENTATIONS", "attention", "segment_causal_mask"]
-IMPLEMENTATIONS = ("auto", "xla", "native")  # of common.IMPLEMENTATIONS, those this op has
+IMPLEMENTATIONS = ("auto", "xla", "native", "pallas", "pallas_tpu", "pallas_gpu")  # of common.IMPLEMENTATIONS
 
 
 def _impl(name: str):
@@ -68,6 +70,8 @@ def attention(q: Float[Array, "B T N H"], k: Float[Array, "B T K H"], v: Float[A
     raise ValueError(f"segment_ids {segment_ids.shape} and positions {positions.shape} must be [B, T] = {(b, t)}")
   if window is not None and window < 1:
     raise ValueError(f"window must be >= 1 (or None), got {window}")
-  name = common.select("kernels.attention", implementation, q.dtype)[0]
+  name, module = common.select("kernels.attention", implementation, q.dtype, q.shape, window)
   seg, pos = segment_ids.astype(jnp.int32), positions.astype(jnp.int32)
-  return xla.attention(q, k, v, seg, pos, window) if name == "xla" else _attention(name, window, q, k, v, seg, pos)
+  if hasattr(module, "attention"):  # differentiable as it stands (autodiff or the library kernel's own VJP)
+    return module.attention(q, k, v, seg, pos, window)
+  return _attention(name, window, q, k, v, seg, pos)

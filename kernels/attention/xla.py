@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 
 
-def check(dtype) -> None:
-  del dtype
+def check(dtype, shape, window) -> None:
+  del dtype, shape, window
 
 
 def segment_causal_mask(segment_ids: jax.Array, positions: jax.Array | None = None,

@@ -13,8 +13,9 @@ Without ``window`` the caller keeps ``end + T <= max_len`` (the generator checks
 ``qkv_bias`` adds biases to the q, k and v projections (Qwen2; zero at init), none to the output.
 ``adapter``: LoRA / DoRA on the projections it targets (pmem.layers.adapters).
 ``kernel_impl`` (the model's, ``DecoderConfig.kernel_impl``): the no-cache call (training, a whole forward)
-runs ``kernels.attention`` with that implementation where the op has it (``"xla"``, ``"native"``, ``"auto"``;
-any other name: ``"xla"``); prefill and decode over a cache stay on ``jax.nn.dot_product_attention``."""
+runs ``kernels.attention`` with that implementation where the op has it and it runs this layer (``"native"``,
+``"pallas"``, ...; a name the op lacks, or a kernel that refuses the layer's window, length or dtype: ``"xla"``);
+prefill and decode over a cache stay on ``jax.nn.dot_product_attention``."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from kernels.attention import IMPLEMENTATIONS as KERNELS, attention
+from kernels.common import Unavailable
 from pmem.core import accounting
 from pmem.core.registry import SEQUENCE_MIXERS
 from pmem.core.rules import constrain
@@ -103,7 +105,10 @@ class Attention(nnx.Module):
     k = constrain(apply_rope(k, ctx.positions, self.rope_theta), ("batch", "length", "act_kv_heads", None))
     v = constrain(v, ("batch", "length", "act_kv_heads", None))
     if state is None:
-      o = attention(q, k, v, ctx.segment_ids, ctx.positions, self.window, implementation=self.kernel_impl)
+      try:
+        o = attention(q, k, v, ctx.segment_ids, ctx.positions, self.window, implementation=self.kernel_impl)
+      except Unavailable:  # the named kernel refuses this layer (module docstring)
+        o = attention(q, k, v, ctx.segment_ids, ctx.positions, self.window, implementation="xla")
     elif t == 1 or self.window is None:  # the new tokens overwrite no slot they could see: write, then read
       state = self._write(state, k, v, ctx)
       mask = cache_mask(ctx.positions, ctx.segment_ids, state["pos"], state["seg"], self.window)
