@@ -40,7 +40,7 @@ test-all: setup oracle
 	$(TUNED) $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup oracle
-	$(PY) -m experiments.bench.throughput --out $(or $(OUT),runs/throughput.json)
+	$(PY) -m experiments.bench.throughput --out $(or $(OUT),runs/throughput.json) --kernel_impl auto --scan_unroll 4
 
 # wheels the lent GPU image lacks (it has jax, flax, optax, orbax, chex, tokenizers, safetensors), for
 # experiments/bench/gpu.sh to install offline there: carry .gpu-wheels with the run

@@ -90,7 +90,7 @@ RULES: dict[Any, dict[str, Rule]] = {  # config class -> field -> rule
     CheckpointConfig: {"every": OFF_OR_MORE, "keep": SIZE, "keep_period": SIZE},
     EvalConfig: {"every": OFF_OR_MORE, "valid_batches": OFF_OR_MORE, "bios_people": OFF_OR_MORE,
                  "mqar_examples": OFF_OR_MORE},
-    DecoderConfig: {"vocab": SIZE, "d_model": SIZE, "n_layers": SIZE, "norm_eps": POSITIVE,
+    DecoderConfig: {"vocab": SIZE, "d_model": SIZE, "n_layers": SIZE, "norm_eps": POSITIVE, "scan_unroll": SIZE,
                     "remat": _one_of(*REMAT_POLICIES), "kernel_impl": _one_of(*kernels.IMPLEMENTATIONS)},
 }
 # arguments of module constructors and other factories, by name: widths, counts and sizes

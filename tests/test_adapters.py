@@ -99,10 +99,10 @@ def test_an_adapted_model_starts_as_its_base_and_reset_restores_it(kind):
   ctx = TokenContext(ids, jnp.broadcast_to(jnp.arange(12), ids.shape), jnp.ones(ids.shape, jnp.int32), {})
   adapters.reset_magnitudes(model)
   y0, y = base(ids, ctx), model(ids, ctx)
-  if kind == "lora":
-    np.testing.assert_array_equal(y, y0)
-  else:  # g = m / ‖W‖_c with the factored norm: 1 within float32 rounding of a d_model-term sum
-    assert_close(y, y0, terms=4 * (base_cfg.d_model + 8) * base_cfg.n_layers)
+  # LoRA adds s · (x A) 0 = +0 exactly (bitwise in the layer test above), but the two models are different
+  # programs, whose fusions contract multiply-adds (RoPE's) into FMAs differently: the same values within the
+  # rounding each layer's d_model-term sums carry on; DoRA's g = m / ‖W‖_c is 1 within that rounding, per layer
+  assert_close(y, y0, terms=(4 if kind == "dora" else 1) * (base_cfg.d_model + 8) * base_cfg.n_layers)
   found = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)) if "adapters" in p}
   assert {p.split("/adapters/")[1] for p in found} >= {"w_up/a", "w_down/b"} | ({"w_up/m"} if kind == "dora" else set())
   assert model.cost(12).params - base.cost(12).params == sum(

@@ -49,12 +49,13 @@ VARIANTS = {"hybrid_periodic": ["config:tiny", "set:model.n_layers=6", "fiddler:
 B, T, P, MAX_LEN = 4, 16, 7, 20  # rows, tokens, prompt, cache
 
 
-def model_of(name: str, scan: bool = True, window: int | None = None, kernel_impl: str = "xla") -> Decoder:
+def model_of(name: str, scan: bool = True, window: int | None = None, kernel_impl: str = "xla",
+             scan_unroll: int = 1) -> Decoder:
   """The config's model with every parameter perturbed (zero-initialised routers, gates and convs
   would hide their decode paths)."""
   cfg = cli.build_config(VARIANTS.get(name, [f"config:{name}"]))
   cfg.model.scan_layers = scan
-  cfg.model.kernel_impl = kernel_impl
+  cfg.model.kernel_impl, cfg.model.scan_unroll = kernel_impl, scan_unroll
   if window is not None:
     cfg.model.sequence_mixer.window = window
   model = Decoder(fdl.build(cfg.model), rngs=nnx.Rngs(0))
@@ -146,6 +147,16 @@ def test_native_attention_full_forward_equals_prefill_then_decode():
   model = model_of("tiny", kernel_impl="auto")
   full, inc, _ = full_and_incremental(model, *stream())
   assert_logits_close(inc, full, model)
+
+
+def test_unrolled_scan_full_forward_equals_prefill_then_decode():
+  """``model.scan_unroll`` past the stage's length (no loop left) keeps the stacked cache: prefill + decode give
+  the full forward's logits, and the model's logits are the rolled scan's within rounding."""
+  model = model_of("tiny", scan_unroll=8)
+  full, inc, _ = full_and_incremental(model, *stream())
+  assert_logits_close(inc, full, model)
+  rolled, _, _ = full_and_incremental(model_of("tiny"), *stream())
+  assert_logits_close(full, rolled, model)
 
 
 def test_sliding_window_cache_is_a_ring_of_window_slots():

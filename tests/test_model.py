@@ -79,6 +79,10 @@ def test_scan_equals_loop_and_remat_equals_none():
   # the same operations and shapes, fused differently (scan body vs unrolled): a few roundings per op,
   # through 4 layers of ~8 ops
   assert_close(forward(scanned, ids, context(ids)), forward(looped, ids, context(ids)), terms=4 * 8)
+  unrolled = Decoder(config(scan_unroll=3), rngs=nnx.Rngs(2))  # the same stacked parameters, 2 loop iterations
+  assert_close(forward(unrolled, ids, context(ids)), forward(scanned, ids, context(ids)), terms=4 * 8)
+  with pytest.raises(ValueError, match="scan_unroll must be >= 1"):
+    Decoder(config(scan_unroll=0), rngs=nnx.Rngs(2))
 
   def grads(model):
     g, p = nnx.split(model)

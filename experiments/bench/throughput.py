@@ -3,12 +3,15 @@
 Both run the same configuration (fwd + bwd + AdamW, fp32, random ids). ``pmem`` runs the default
 scanned layer stack and ``pmem_noscan`` unrolled layers; each ``--kernel_impl NAME`` adds rows
 ``pmem_NAME`` and ``pmem_noscan_NAME``, both stacks with ``model.kernel_impl=NAME`` (``auto`` on CPU: the
-native attention kernel, kernels.attention), each ``--loss_chunk N`` a row ``pmem_chunkN`` with ``train.loss_chunk=N``
+native attention kernel, kernels.attention), each ``--scan_unroll N`` rows ``pmem_unrollN`` (and ``pmem_unrollN_NAME``
+per kernel_impl) with ``model.scan_unroll=N`` (the scanned stack, N layers per loop iteration), each
+``--loss_chunk N`` a row ``pmem_chunkN`` with ``train.loss_chunk=N``
 (0: the loss of the whole logits, not the fused head + cross-entropy). After warm-up the
 implementations alternate, one step each (A B C A B C ...), so machine noise hits all alike;
 medians are reported.
 
-  python -m experiments.bench.throughput --out runs/throughput.json [--steps 7] [--kernel_impl auto] [--loss_chunk 0] [--vocab 8192 ...]
+  python -m experiments.bench.throughput --out runs/throughput.json [--steps 7] [--kernel_impl auto] [--scan_unroll 4]
+      [--loss_chunk 0] [--vocab 8192 ...]
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ def main() -> None:
   ap.add_argument("--batch_size", type=int, default=16)
   ap.add_argument("--kernel_impl", action="append", default=[], choices=IMPLEMENTATIONS,
                   help="also time pmem with model.kernel_impl=NAME (rows pmem_NAME, pmem_noscan_NAME; repeatable)")
+  ap.add_argument("--scan_unroll", action="append", default=[], type=int,
+                  help="also time pmem with model.scan_unroll=N (rows pmem_unrollN[_NAME]; repeatable)")
   ap.add_argument("--loss_chunk", action="append", default=[], type=int,
                   help="also time pmem with train.loss_chunk=N (row pmem_chunkN; repeatable)")
   ap.add_argument("--oracle_python", default=os.environ.get("PMEM_ORACLE_PYTHON", str(ROOT / ".venv-oracle/bin/python")))
@@ -78,6 +83,9 @@ def main() -> None:
               "pmem_noscan": pmem_stepper(dataclasses.replace(exp.model, scan_layers=False)),
               **{f"pmem{u}_{k}": pmem_stepper(dataclasses.replace(exp.model, kernel_impl=k, scan_layers=not u))
                  for k in a.kernel_impl for u in ("", "_noscan")},
+              **{f"pmem_unroll{n}{'_' + k if k else ''}": pmem_stepper(dataclasses.replace(exp.model, scan_unroll=n,
+                                                                                           kernel_impl=k or exp.model.kernel_impl))
+                 for n in a.scan_unroll for k in ("", *a.kernel_impl)},
               **{f"pmem_chunk{n}": pmem_stepper(exp.model, loss_chunk=n) for n in a.loss_chunk}}
   worker = TorchWorker(a.oracle_python, "hf_llama.py", json.dumps(hf_config(model)), str(b), str(t))
   steppers["hf_torch"] = worker.step

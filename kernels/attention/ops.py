@@ -31,7 +31,6 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from kernels import common
-from kernels.attention import xla
 from kernels.attention.xla import segment_causal_mask
 
 __all__ = ["IMPLEMENTATIONS", "attention", "segment_causal_mask"]

@@ -65,6 +65,9 @@ class DecoderConfig:
   tie_embeddings: bool = False
   norm_eps: float = 1e-6
   scan_layers: bool = True
+  # repetitions of a scanned stage per loop iteration (lax.scan's unroll; >= the stage's length: no loop, the
+  # parameters stay stacked). XLA:CPU at the bench size: fully unrolled 1.05x faster; compile time grows with it
+  scan_unroll: int = 1
   remat: str = "none"
   dtype: str = "float32"
   kernel_impl: str = "xla"  # residual add + RMSNorm, attention: kernels.IMPLEMENTATIONS ("xla", "pallas", "auto", ...)
@@ -231,8 +234,10 @@ class Stage(nnx.Module):
       raise ValueError("a period of layers is a unit of a scanned stage only")
     if cfg.remat not in REMAT_POLICIES:
       raise unknown("remat policy", cfg.remat, REMAT_POLICIES)
+    if cfg.scan_unroll < 1:
+      raise ValueError(f"scan_unroll must be >= 1, got {cfg.scan_unroll}")
     self.policy = REMAT_POLICIES[cfg.remat]
-    self.remat = cfg.remat != "none"
+    self.remat, self.unroll = cfg.remat != "none", cfg.scan_unroll
     if self.scan:
       # stacked specs take no layer index (stages()), so ``start`` serves every repetition
       unit = (lambda r: Block(cfg, specs[0], start, rngs=r)) if self.period == 1 else (
@@ -295,9 +300,11 @@ class Stage(nnx.Module):
         out.append(None if cache is None else r[1])
       return x if cache is None else (x, jax.tree.map(lambda *a: jnp.stack(a), *out))
     if cache is None:
-      x, _ = jax.lax.scan(lambda h, s: (run(nnx.merge(graphdef, s[0]), h, None, s[1]), None), x, (state, first))
+      x, _ = jax.lax.scan(lambda h, s: (run(nnx.merge(graphdef, s[0]), h, None, s[1]), None), x, (state, first),
+                          unroll=self.unroll)
       return x
-    return jax.lax.scan(lambda h, s: run(nnx.merge(graphdef, s[0]), h, s[1], s[2]), x, (state, cache, first))
+    return jax.lax.scan(lambda h, s: run(nnx.merge(graphdef, s[0]), h, s[1], s[2]), x, (state, cache, first),
+                        unroll=self.unroll)
 
   def cost(self, seq_len: int) -> accounting.Cost:
     unit = self.blocks if self.scan else self.blocks[0]  # costs depend on static sizes only
