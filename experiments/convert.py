@@ -21,13 +21,17 @@ weights' content hash and the tokenizer's, not their paths. ``--config config:W 
 fine-tunes into another workdir.
 
 **Export.** The model of ``W``'s checkpoint of step ``N`` (default the newest; step 0 or none yet:
-the imported weights) -> ``DIR/config.json`` + ``DIR/model.safetensors``, each tensor in its source
-dtype (float32 for a model trained here), with the run's tokenizer as ``tokenizer.json`` (an imported
-one, or a BPE trained here; the byte tokenizer has none) and the source's other files listed above.
-``DIR`` must not exist or be empty. Only dense attention + SwiGLU models export.
+the imported weights) -> ``DIR/config.json`` + ``DIR/model.safetensors``, with the run's tokenizer as
+``tokenizer.json`` (an imported one, or a BPE trained here; the byte tokenizer has none) and the
+source's other files listed above. ``--dtype``: ``float32`` (the default: pmem trains in float32, so
+nothing trained is rounded), ``bfloat16``, or ``source`` (each tensor in the dtype of the imported
+checkpoint, as ``W/hf/`` holds it: bit-exact for an import not fine-tuned; float32 for a model
+trained here); an export that rounds trained weights (a fine-tuned bfloat16 import as ``source``)
+warns in one line. ``DIR`` must not exist or be empty. Only dense attention + SwiGLU models export.
 
-Bad input (a missing directory, an unsupported config, tensors that do not fit it, a non-empty
-target) ends with one line ``error: ...`` before anything is written."""
+Bad input (a missing directory, an unsupported config, tensors that do not fit it, an unreadable
+weight file, an HF checkpoint given as ``W`` to ``--to-hf``, a non-empty target) ends with one line
+``error: ...`` before anything is written."""
 
 from __future__ import annotations
 
@@ -48,9 +52,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
   way.add_argument("--to-hf", metavar="DIR", help="export --workdir's model as a Hugging Face checkpoint directory")
   ap.add_argument("--workdir", required=True, help="the pmem workdir (new for --from-hf)")
   ap.add_argument("--step", type=int, default=None, help="--to-hf: the checkpoint to export (default: the newest)")
+  ap.add_argument("--dtype", choices=("float32", "bfloat16", "source"), default=None,
+                  help="--to-hf: the tensors' dtype (default float32, as trained; source: the imported checkpoint's)")
   a = ap.parse_args(argv)
-  if a.step is not None and a.from_hf:
-    ap.error("--step applies to --to-hf only")
+  for name in ("step", "dtype"):
+    if getattr(a, name) is not None and a.from_hf:
+      ap.error(f"--{name} applies to --to-hf only")
   return a
 
 
@@ -103,7 +110,8 @@ def import_hf(src: str, workdir: str) -> None:
   write_config(cfg, workdir)
 
 
-def export_hf(workdir: str, out: str, step: int | None) -> None:
+def export_hf(workdir: str, out: str, step: int | None, dtype: str) -> None:
+  import jax.numpy as jnp
   import numpy as np
   import pmem
   from pmem.data.tokenizer import BPETokenizer
@@ -112,10 +120,17 @@ def export_hf(workdir: str, out: str, step: int | None) -> None:
   _empty_or_absent(out, "--to-hf directory")
   loaded = pmem.load(workdir, step)
   src = loaded.config.train.init_from
-  dtypes = {name: dt for name, (_, dt) in hf.specs(src).items()} if src else {}
-  tensors = hf.export(loaded.model, dtypes)
-  config = hf.hf_config(loaded.model, hf.read_config(src) if src else None,
-                        np.dtype(dtypes.get("model.embed_tokens.weight", np.float32)).name)
+  trained = hf.export(loaded.model)  # float32, as trained
+  if dtype == "source":  # the imported checkpoint's dtypes; float32 for a model trained here
+    source = {name: dt for name, (_, dt) in hf.specs(src).items()} if src else {}
+    dtypes = {name: source.get(name, np.dtype(np.float32)) for name in trained}
+  else:
+    dtypes = dict.fromkeys(trained, jnp.dtype(dtype))
+  tensors = {name: t.astype(dtypes[name]) for name, t in trained.items()}
+  if rounded := [name for name, t in trained.items() if not np.array_equal(tensors[name].astype(t.dtype), t)]:
+    print(f"pmem: warning: --dtype {dtype} rounds {len(rounded)} of {len(tensors)} trained tensors of step "
+          f"{loaded.step} (e.g. {rounded[0]}); --dtype float32 keeps them exactly", file=sys.stderr)
+  config = hf.hf_config(loaded.model, hf.read_config(src) if src else None, dtypes["model.embed_tokens.weight"].name)
   hf.save(out, config, tensors)
   tok = loaded.config.data.tokenizer
   if tok.kind == "hf":
@@ -139,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
       if not os.path.exists(os.path.join(a.workdir, "config.json")):
         raise FileNotFoundError(f"{a.workdir} has no config.json; is it a pmem workdir?")
-      export_hf(a.workdir, a.to_hf, a.step)
+      export_hf(a.workdir, a.to_hf, a.step, a.dtype or "float32")
   except (ValueError, FileNotFoundError, CheckpointError) as e:  # cli.ConfigError is a ValueError
     sys.exit(f"error: {e.args[0] if e.args else e}")
 

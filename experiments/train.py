@@ -6,6 +6,7 @@ model's (``experiments.convert``) to fine-tune, or a run's to resume or extend."
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 
 from absl import app, flags, logging
@@ -60,17 +61,23 @@ def main(argv) -> None:
 
   mesh_lib.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                   auto=FLAGS.distributed_auto)
+  trainer = None
   try:
-    exp = fdl.build(cfg)
-    trainer = Trainer(exp, FLAGS.workdir, overwrite=FLAGS.overwrite)
-  except (ValueError, KeyError, FileNotFoundError) as e:
-    sys.exit(f"error: {e.args[0] if e.args else e}")
-  if jax.process_index() == 0 and trainer.finished() is None:
-    write_config(cfg, FLAGS.workdir)
-  try:
+    try:  # a workdir in use by another run is refused here (Trainer's lock), before anything is written
+      trainer = Trainer(fdl.build(cfg), FLAGS.workdir, overwrite=FLAGS.overwrite, lock=True)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+      sys.exit(f"error: {e.args[0] if e.args else e}")
+    if jax.process_index() == 0 and trainer.finished() is None:
+      write_config(cfg, FLAGS.workdir)
     trainer.run()
   except (CheckpointError, FloatingPointError) as e:  # a failed save, the NaN stop: one line, exit 1
     sys.exit(f"error: {e}")
+  except KeyboardInterrupt:  # Ctrl-C: run() has let its saves finish; one line (process 0's), exit 130
+    command = shlex.join(sys.orig_argv)
+    if jax.process_index() == 0:
+      print(trainer.interrupted(command) if trainer else f"pmem: interrupted before training; rerun: {command}",
+            file=sys.stderr, flush=True)
+    sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 
 - ``"xla"``: the reference, plain jnp/lax; runs everywhere.
 - ``"pallas_tpu"``: Pallas Mosaic TPU kernel; compiled on TPU, interpreted (``interpret=True``) on CPU.
-- ``"pallas_gpu"``: Pallas Mosaic GPU kernel (``plgpu.kernel``); compiled on GPU, interpreted on CPU.
+- ``"pallas_gpu"``: Pallas Mosaic GPU kernel (``plgpu.kernel``; attention: pmem's FlashAttention-2 in the generic
+  ``pl.pallas_call``, lowered through Triton); compiled on GPU, interpreted on CPU.
 - ``"triton"``: Triton kernel called through jax-triton; GPU only, needs ``pip install 'pmem[gpu]'``.
 - ``"pallas"``: this platform's Pallas kernel (TPU: pallas_tpu, GPU: pallas_gpu, CPU: pallas_tpu interpreted).
 - ``"native"``: a C++ kernel called through the XLA FFI (``kernels/native``); CPU only, built on first use.
@@ -19,6 +20,7 @@ import importlib
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 IMPLEMENTATIONS = ("auto", "xla", "native", "pallas", "pallas_tpu", "pallas_gpu", "triton")
@@ -65,12 +67,23 @@ def _load(package: str, name: str, check_args: tuple):
       raise Unavailable(f"triton needs jax-triton (pip install 'pmem[gpu]'): {e}") from e
   try:
     module = importlib.import_module(f"{package}.{name}")
-  except ModuleNotFoundError as e:
-    if e.name != f"{package}.{name}":
-      raise
-    raise Unavailable(f"{package} has no {name} implementation") from None
+  except ImportError as e:
+    if e.name == f"{package}.{name}":
+      raise Unavailable(f"{package} has no {name} implementation") from None
+    if (e.name or "").split(".")[0] == package.split(".")[0]:
+      raise  # a bug of ours, not a missing library
+    raise Unavailable(f"{name} cannot import what it needs: {e}") from e
   module.check(*check_args)
   return module
+
+
+def library(module: str, name: str):
+  """``module`` (a library kernel, imported when first needed), or :class:`Unavailable` saying why ``name`` cannot
+  run: this jax may lack it (``jax.experimental.pallas.ops`` kernels come and go between releases)."""
+  try:
+    return importlib.import_module(module)
+  except ImportError as e:
+    raise Unavailable(f"{name} needs {module}, which does not import here: {e}") from e
 
 
 def select(package: str, implementation: str, *check_args) -> tuple[str, Any]:
@@ -108,3 +121,14 @@ def triton_call(*args, kernel, out, grid, **meta):
   import jax_triton as jt
   key = "out_type" if "out_type" in inspect.signature(jt.triton_call).parameters else "out_shape"
   return jt.triton_call(*args, kernel=kernel, grid=grid, **{key: out}, **meta)
+
+
+def accumulator(*dtypes) -> Any:
+  """The dtype to accumulate and take statistics in: float32, or float64 when an input is (float64 references
+  of the tests, under ``jax_enable_x64``)."""
+  return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
+
+
+def widen(x):
+  """``x`` in :func:`accumulator` of its dtype (bfloat16 / float32 -> float32, float64 stays)."""
+  return x.astype(accumulator(x.dtype))

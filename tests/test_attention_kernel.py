@@ -1,12 +1,14 @@
 """kernels.attention: native and xla against a float64 NumPy transcription of masked softmax attention
 (output and the three gradients), against each other, check_grads on the native custom_vjp, padding rows,
-xla == jax.nn.dot_product_attention, the layer's kernel_impl; the Pallas TPU / GPU library kernels
-(interpreted on CPU) against the same transcription where their shapes allow."""
+xla == jax.nn.dot_product_attention, the layer's kernel_impl; the Pallas TPU library kernel and pmem's Pallas GPU
+kernel (interpreted on CPU) against the same transcription where their shapes allow, each lowered for its hardware;
+a library kernel this jax lacks makes its implementation Unavailable (its tests skip with the reason)."""
 
 import json
 import pathlib
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +17,7 @@ import pytest
 from flax import nnx
 from jax.test_util import check_grads
 
-from kernels import Unavailable, native
+from kernels import Unavailable, common, native
 from kernels.attention import attention, segment_causal_mask
 from pmem.core.mixer import TokenContext
 from pmem.layers.attention import Attention
@@ -65,6 +67,15 @@ def reference(q, k, v, seg, pos, window, do):
   return (o, dq, dk, dv), mags, score
 
 
+def runnable(impl: str) -> None:
+  """Skips the test, with the reason, where ``impl`` cannot run here (another platform, a library kernel this jax
+  lacks); what it refuses by shape is tested by the test itself."""
+  try:
+    common.select("kernels.attention", impl, jnp.float32, (1, 128, 2, 8), None)
+  except Unavailable as e:
+    pytest.skip(str(e))
+
+
 def run(impl, q, k, v, seg, pos, window, do):
   o, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, seg, pos, window, implementation=impl), q, k, v)
   return (o, *vjp(do))
@@ -105,14 +116,16 @@ PALLAS_CASES = {  # (B, T, N, K, H, docs, pad): T a multiple of 128, no window
     "gqa2_T128_pad": (2, 128, 4, 2, 32, 3, 9),
     "mha_T256_H64": (1, 256, 2, 2, 64, 2, 0),
 }
+GPU_CASES = {"gqa3_T64_H20_pad": (1, 64, 6, 2, 20, 3, 5)}  # pallas_gpu: one 64-row block, H zero-padded to 32
 
 
-@pytest.mark.parametrize("impl", PALLAS)
-@pytest.mark.parametrize("case", list(PALLAS_CASES))
+@pytest.mark.parametrize("impl, case", [(i, c) for i in PALLAS for c in PALLAS_CASES] +
+                         [("pallas_gpu", c) for c in GPU_CASES])
 def test_pallas_against_float64(impl, case):
-  """The library flash kernels (interpreted here) under the op's GQA and padding rules: o, dq, dk, dv within the
-  float64 bound of the native kernels (the same tiled online softmax)."""
-  b, t, n, kv, h, docs, pad = PALLAS_CASES[case]
+  """The flash kernels (interpreted here) under the op's GQA and padding rules: o, dq, dk, dv within the float64
+  bound of the native kernels (the same tiled online softmax)."""
+  runnable(impl)
+  b, t, n, kv, h, docs, pad = (PALLAS_CASES | GPU_CASES)[case]
   rng = np.random.default_rng(sum(map(ord, case)))
   q, do = (rng.standard_normal((b, t, n, h), np.float32) for _ in range(2))
   k, v = (rng.standard_normal((b, t, kv, h), np.float32) for _ in range(2))
@@ -125,19 +138,20 @@ def test_pallas_against_float64(impl, case):
 
 @pytest.mark.parametrize("impl", PALLAS)
 def test_pallas_refuses(impl):
-  """What the library kernels cannot express is refused by name (auto then runs another implementation)."""
+  """What the kernels cannot express is refused by name (auto then runs another implementation)."""
+  runnable(impl)
   q = jnp.zeros((1, 128, 2, 8), jnp.float32)
   seg = pos = jnp.ones((1, 128), jnp.int32)
   with pytest.raises(Unavailable, match="window"):
     attention(q, q, q, seg, pos, 16, implementation=impl)
-  with pytest.raises(Unavailable, match="divisible by 128"):
+  with pytest.raises(Unavailable, match="divisible by"):
     attention(q[:, :100], q[:, :100], q[:, :100], seg[:, :100], pos[:, :100], implementation=impl)
 
 
 def test_pallas_tpu_lowers_for_tpu():
   """jax.export lowers the uninterpreted TPU flash kernel, forward and backward, float32 and bfloat16, to its
-  Mosaic custom calls with the op's output shapes (compiling needs a TPU). The GPU kernel's Triton lowering asks
-  for a GPU device's compute capability, so it has no such check here."""
+  Mosaic custom calls with the op's output shapes (compiling needs a TPU)."""
+  runnable("pallas_tpu")
   from kernels.attention import pallas_tpu
   sds = jax.ShapeDtypeStruct
   for dt in (jnp.float32, jnp.bfloat16):
@@ -148,6 +162,50 @@ def test_pallas_tpu_lowers_for_tpu():
       exported = jax.export.export(jax.jit(fn), platforms=["tpu"])(q, k, k, seg)
       assert "stablehlo.custom_call @tpu_custom_call" in exported.mlir_module()
       assert [(a.shape, a.dtype) for a in exported.out_avals] == [(o.shape, o.dtype) for o in outs]
+
+
+def test_pallas_gpu_lowers_for_gpu():
+  """jax.export lowers the uninterpreted GPU kernels, forward and backward (three pallas_calls), float32 and bfloat16,
+  an H that is padded and a group of 3, through Pallas's Triton lowering to Triton IR in XLA's Triton custom call
+  with the op's output shapes, for an abstract H100 (the lowering asks for a GPU's compute capability; compiling
+  the IR needs a GPU)."""
+  from kernels.attention import pallas_gpu
+  sds = jax.ShapeDtypeStruct
+  dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
+  triton = "__gpu$xla.gpu.triton"
+  for dt, n, h in ((jnp.float32, 4, 64), (jnp.bfloat16, 6, 20)):
+    q, k, lse = sds((2, 128, n, h), dt), sds((2, 128, 2, h), dt), sds((2, 128, n), jnp.float32)
+    seg = sds((2, 128), jnp.int32)
+    fwd = lambda q, k, v, seg: pallas_gpu.forward(q, k, v, seg, seg, None, interpret=False)  # noqa: E731
+    bwd = lambda q, k, v, seg, o, lse, do: pallas_gpu.backward(q, k, v, seg, seg, o, lse, do, None,  # noqa: E731
+                                                               interpret=False)
+    for fn, args, outs, calls in ((fwd, (q, k, k, seg), [q, lse], 1), (bwd, (q, k, k, seg, q, lse, q), [q, k, k], 2)):
+      with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)), \
+           warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # jax's notice that the Triton backend is deprecated
+        exported = jax.export.export(jax.jit(fn), platforms=["cuda"],
+                                     disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)])(*args)
+      assert exported.mlir_module().count(f"stablehlo.custom_call @{triton}") == calls
+      assert [(a.shape, a.dtype) for a in exported.out_avals] == [(o.shape, o.dtype) for o in outs]
+
+
+def test_missing_library_kernel_is_unavailable(monkeypatch, tmp_path):
+  """A library kernel that does not import (removed from this jax) makes its implementation Unavailable with the
+  reason, whether imported by ``check`` or at the implementation module's import; a missing implementation module
+  says so."""
+  monkeypatch.setitem(sys.modules, "jax.experimental.pallas.ops.tpu.flash_attention", None)
+  with pytest.raises(Unavailable, match="pallas_tpu needs jax.experimental.pallas.ops.tpu.flash_attention"):
+    common.select("kernels.attention", "pallas_tpu", jnp.float32, (1, 128, 2, 8), None)
+  (tmp_path / "fake_op").mkdir()
+  (tmp_path / "fake_op" / "__init__.py").write_text("")
+  (tmp_path / "fake_op" / "xla.py").write_text("import pmem_no_such_library  # noqa: F401\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  with pytest.raises(Unavailable, match="xla cannot import what it needs: No module named 'pmem_no_such_library'"):
+    common.select("fake_op", "xla")
+  (tmp_path / "empty_op").mkdir()
+  (tmp_path / "empty_op" / "__init__.py").write_text("")
+  with pytest.raises(Unavailable, match="empty_op has no xla implementation"):
+    common.select("empty_op", "xla")
 
 
 @needs_native
@@ -171,6 +229,7 @@ def test_native_equals_xla(window):
 def test_padding_rows(impl):
   """A padding query averages every v (dot_product_attention's masked softmax) and passes no gradient to q
   or k; padding keys get dv from it alone."""
+  runnable(impl)
   rng = np.random.default_rng(2)
   t, p = 128, 40  # T a multiple of 128 for the library kernels; the last p tokens are padding
   q = rng.standard_normal((1, t, 2, 8), np.float32)
@@ -247,6 +306,7 @@ def test_layer_kernel_impl():
 def test_layer_pallas_where_it_runs():
   """kernel_impl="pallas": the layer runs the (interpreted) flash kernel where it takes the layer, T = 128 and no
   window, and gives xla's output within the op's bound carried through wo; a windowed layer, or T = 24, keeps xla."""
+  runnable("pallas")
   rng = np.random.default_rng(6)
   b, t, d, n, kv = 1, 128, 32, 4, 2
   h = d // n

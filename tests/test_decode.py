@@ -26,14 +26,16 @@ from pmem.data.tokenizer import ByteTokenizer
 from pmem.core.variables import name_of
 from pmem.decode import Generator, Sampling, to_host
 from pmem.decode import generate as generate_lib
+from pmem.layers import recurrence
+from pmem.layers.recurrent import ShortConv
 from pmem.models.decoder import Decoder, unroll
 from tests.conftest import ROOT, needs_devices, run_launcher
-from tests.tolerances import assert_close
+from tests.tolerances import assert_close, assert_matches_reference
 
 configs.load_all()
 MEMORY_CONFIGS = ["tiny", "stem_tiny", "engram_tiny", "move_tiny", "lave_tiny", "pkm_tiny", "memory_plus_tiny"]
 SEQUENCE_CONFIGS = ["linear_attn_tiny", "gla_tiny", "mamba2_tiny", "deltanet_tiny", "gdn_tiny", "swa_tiny", "hybrid_tiny",
-                    "hybrid_periodic"]
+                    "hybrid_periodic", "retnet_tiny"]
 # on the mesh, `make test` runs one config per way state is sharded (KV cache, Engram's conv tail and host
 # hashes, LinearRecurrence, Mamba2, ring buffer, periods) scanned, and tiny / the periodic stack unrolled;
 # the rest of the matrix (position-wise memories, mixers sharing gdn's path, hybrid_tiny) in `make test-slow`
@@ -50,19 +52,30 @@ B, T, P, MAX_LEN = 4, 16, 7, 20  # rows, tokens, prompt, cache
 
 
 def model_of(name: str, scan: bool = True, window: int | None = None, kernel_impl: str = "xla",
-             scan_unroll: int = 1) -> Decoder:
+             scan_unroll: int = 1, dtype: str = "float32", perturb: bool = True) -> Decoder:
   """The config's model with every parameter perturbed (zero-initialised routers, gates and convs
   would hide their decode paths)."""
   cfg = cli.build_config(VARIANTS.get(name, [f"config:{name}"]))
   cfg.model.scan_layers = scan
-  cfg.model.kernel_impl, cfg.model.scan_unroll = kernel_impl, scan_unroll
+  cfg.model.kernel_impl, cfg.model.scan_unroll, cfg.model.dtype = kernel_impl, scan_unroll, dtype
   if window is not None:
     cfg.model.sequence_mixer.window = window
   model = Decoder(fdl.build(cfg.model), rngs=nnx.Rngs(0))
-  rng = np.random.default_rng(1)  # NumPy noise: no XLA compile per parameter shape (~0.5 s each on CPU)
-  nnx.update(model, jax.tree.map(lambda x: jnp.asarray((np.asarray(x) + 0.05 * rng.standard_normal(x.shape)).astype(x.dtype)),
-                                 nnx.state(model, nnx.Param)))
+  if perturb:
+    rng = np.random.default_rng(1)  # NumPy noise: no XLA compile per parameter shape (~0.5 s each on CPU)
+    nnx.update(model, jax.tree.map(lambda x: jnp.asarray((np.asarray(x) + 0.05 * rng.standard_normal(x.shape))
+                                                         .astype(x.dtype)), nnx.state(model, nnx.Param)))
   return model
+
+
+def float64_copy(model: Decoder, name: str, scan: bool = True, window: int | None = None) -> Decoder:
+  """``model`` in float64: the same config with ``dtype="float64"`` and a float64 copy of every float
+  variable (build and run it under ``jax.enable_x64``; the XLA kernels, whose statistics are float32 for
+  float32 inputs, keep float64's)."""
+  ref = model_of(name, scan, window, dtype="float64", perturb=False)
+  wide = lambda x: jnp.asarray(np.asarray(x, np.float64)) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+  nnx.update(ref, jax.tree.map(wide, nnx.state(model)))
+  return ref
 
 
 def stream(seed: int = 0, b: int = B, t: int = T):
@@ -70,13 +83,24 @@ def stream(seed: int = 0, b: int = B, t: int = T):
   return ids, np.tile(np.arange(t, dtype=np.int32), (b, 1)), np.ones((b, t), np.int32)
 
 
+def packed_stream():
+  """Rows of 3 documents, starting in the prompt (position 3) and in the decode steps (position 10 / 12)."""
+  ids, pos, seg = stream()
+  for r, starts in enumerate([(3, 10), (5, 12), (3, 12), (6, 10)]):
+    for d, s in enumerate(starts):
+      pos[r, s:] = np.arange(T - s)
+      seg[r, s:] = d + 2
+  return ids, pos, seg
+
+
 def features(model, ids, pos, seg) -> dict[str, np.ndarray]:
   fn = batch_features(model, ByteTokenizer())
   return fn({"inputs": ids, "positions": pos, "segment_ids": seg}) if fn else {}
 
 
-def full_and_incremental(model, ids, pos, seg, mesh=None):
-  """(full-forward logits, logits of prefill [:P] then one token at a time) of the same stream."""
+def full_and_incremental(model, ids, pos, seg, mesh=None, incremental=True):
+  """(full-forward logits, logits of prefill [:P] then one token at a time) of the same stream (None without
+  ``incremental``)."""
   graphdef, state = nnx.split(model)
   feats = features(model, ids, pos, seg)
   put = jax.device_put
@@ -92,6 +116,8 @@ def full_and_incremental(model, ids, pos, seg, mesh=None):
   cols = lambda a, b: put(tuple(x[:, a:b] for x in (ids, pos, seg)) + ({k: v[:, a:b] for k, v in feats.items()},))  # noqa: E731
   with jax.set_mesh(mesh) if mesh is not None else _nothing():
     full = jax.jit(run)(state, *cols(0, T))
+    if not incremental:
+      return np.asarray(full), None, None
     step = jax.jit(run, donate_argnums=5)
     cache = jax.jit(lambda s: nnx.merge(graphdef, s).init_cache(ids.shape[0], MAX_LEN))(state)
     out, cache = step(state, *cols(0, P), cache)
@@ -110,26 +136,31 @@ class _nothing:
     return False
 
 
-def assert_logits_close(inc, full, model):
-  # every upstream rounding difference (softmax over S + T vs T keys, the cache's order) reaches
-  # the logits through the head's d_model-term dot products
-  assert_close(inc, full, terms=model.cfg.d_model)
+def check_decode(name: str, scan: bool = True, mesh=None, data=None, window: int | None = None, **kw):
+  """Prefill + decode against the full forward, both against the float64 model's full forward
+  (``tests.tolerances.assert_matches_reference``): in float32 within 4x the full forward's own distance to
+  it, and (one device) the float64 model's prefill + decode within the float64 image of that bound, which a
+  state wrong by one float32 ulp already exceeds. Returns (full, incremental, cache) of the float32 model."""
+  data = stream() if data is None else data
+  model = model_of(name, scan, window, **kw)
+  full, inc, cache = full_and_incremental(model, *data, mesh=mesh)
+  with jax.enable_x64(True):
+    full64, inc64, _ = full_and_incremental(float64_copy(model, name, scan, window), *data,
+                                            incremental=mesh is None)
+  assert_matches_reference(inc, full, full64, inc64, what=f"{name} prefill + decode: ")
+  return full, inc, cache
 
 
 @pytest.mark.parametrize("name, scan", ONE_DEVICE, ids=lambda x: {True: "scanned", False: "unrolled"}.get(x, x))
 def test_prefill_then_decode_equals_full_forward(name, scan):
-  model = model_of(name, scan)
-  full, inc, _ = full_and_incremental(model, *stream())
-  assert_logits_close(inc, full, model)
+  check_decode(name, scan)
 
 
 @needs_devices(8)
 @pytest.mark.parametrize("name, scan", MESH_CASES, ids=lambda x: {True: "scanned", False: "unrolled"}.get(x, x))
 def test_prefill_then_decode_equals_full_forward_on_a_mesh(name, scan):
-  model = model_of(name, scan)
   mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(data=2, fsdp=2, tensor=2))
-  full, inc, cache = full_and_incremental(model, *stream(), mesh=mesh)
-  assert_logits_close(inc, full, model)
+  _, _, cache = check_decode(name, scan, mesh=mesh)
   # rows over data+fsdp, heads over tensor: a KV cache [(L,) B, S, K, H], a recurrent state [(L,) B, H, K, V]
   want = {"k": (("data", "fsdp"), None, "tensor", None), "S": (("data", "fsdp"), "tensor", None, None)}
   for path, x in jax.tree_util.tree_flatten_with_path(cache)[0]:
@@ -138,32 +169,67 @@ def test_prefill_then_decode_equals_full_forward_on_a_mesh(name, scan):
       assert spec[-4:] == want[path[-1].key], (path, spec)
 
 
+@pytest.mark.parametrize("name", ["gdn_tiny", "mamba2_tiny", "hybrid_periodic"])
+def test_prefill_then_decode_of_packed_documents(name):
+  """Documents that start in the prompt and in the decode steps: the states reset where the full forward's do."""
+  check_decode(name, data=packed_stream())
+
+
+def _shift_tail(call):
+  def shifted(self, x, positions, tail=None):
+    y, new = call(self, x, positions, tail)
+    return y, jnp.roll(new, 1, axis=1)  # the tail one token late
+  return shifted
+
+
+def _drop_decode_reset(step):
+  return lambda S, q, k, v, a, beta=None, reset=None: step(S, q, k, v, a, beta, None)
+
+
+def _ulp_off_state(chunked):
+  def off(*args, **kw):
+    o, S = chunked(*args, **kw)
+    return o, S * (1 + 2.0 ** -23)  # the state leaving a chunk (the prompt's, into decode) one float32 ulp up
+  return off
+
+
+FAULTS = {"state one ulp off at a chunk boundary": (recurrence, "chunked", _ulp_off_state, "gdn_tiny"),
+          "document reset dropped in decode": (recurrence, "step", _drop_decode_reset, "gdn_tiny"),
+          "conv tail shifted by one token": (ShortConv, "__call__", _shift_tail, "deltanet_tiny")}
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_decode_check_catches_state_faults(monkeypatch, fault):
+  """Each fault injected into a correct mixer makes :func:`check_decode` fail (the bound is not loose)."""
+  owner, attr, wrap, name = FAULTS[fault]
+  monkeypatch.setattr(owner, attr, wrap(getattr(owner, attr)))
+  with pytest.raises(AssertionError, match="prefill \\+ decode"):
+    check_decode(name, data=packed_stream())
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu" or native.available() is not None, reason="native CPU kernels unavailable")
 def test_native_attention_full_forward_equals_prefill_then_decode():
   """With ``model.kernel_impl="auto"`` (on CPU: the native attention; the norms have no native kernel and stay
   XLA's) the full forward runs the native attention, prefill and decode over the cache XLA's: the same logits
   within rounding."""
-  model = model_of("tiny", kernel_impl="auto")
-  full, inc, _ = full_and_incremental(model, *stream())
-  assert_logits_close(inc, full, model)
+  check_decode("tiny", kernel_impl="auto")
 
 
 def test_unrolled_scan_full_forward_equals_prefill_then_decode():
   """``model.scan_unroll`` past the stage's length (no loop left) keeps the stacked cache: prefill + decode give
   the full forward's logits, and the model's logits are the rolled scan's within rounding."""
-  model = model_of("tiny", scan_unroll=8)
-  full, inc, _ = full_and_incremental(model, *stream())
-  assert_logits_close(inc, full, model)
-  rolled, _, _ = full_and_incremental(model_of("tiny"), *stream())
-  assert_logits_close(full, rolled, model)
+  full, _, _ = check_decode("tiny", scan_unroll=8)
+  model = model_of("tiny")
+  rolled, _, _ = full_and_incremental(model, *stream(), incremental=False)
+  with jax.enable_x64(True):
+    full64, _, _ = full_and_incremental(float64_copy(model, "tiny"), *stream(), incremental=False)
+  assert_matches_reference(full, rolled, full64, what="scan_unroll=8 vs rolled: ")
 
 
 def test_sliding_window_cache_is_a_ring_of_window_slots():
-  model = model_of("tiny", window=5)  # the prompt (7) is longer than the ring (5)
-  full, inc, cache = full_and_incremental(model, *stream())
+  full, _, cache = check_decode("tiny", window=5)  # the prompt (7) is longer than the ring (5)
   assert cache["stages"][0]["seq"]["k"].shape[2] == 5
-  assert_logits_close(inc, full, model)
-  wide, _, _ = full_and_incremental(model_of("tiny"), *stream())
+  wide, _, _ = full_and_incremental(model_of("tiny"), *stream(), incremental=False)
   assert np.abs(wide[:, 5:] - full[:, 5:]).max() > 1e-3  # the window changes what positions >= 5 see
 
 
@@ -310,7 +376,9 @@ def test_bad_generation_input_is_refused(bad, match):
   gen = Generator(model_of("tiny"), ByteTokenizer(), max_len=MAX_LEN)
   with pytest.raises(ValueError, match=match):
     gen.generate(bad["prompts"], bad.get("n", 4))
-  for kw, m in ((dict(temperature=-1.0), "temperature"), (dict(top_k=-1), "top_k"), (dict(top_p=0.0), "top_p")):
+  nonfinite = [({k: float(x)}, k) for k in ("temperature", "top_p") for x in ("nan", "inf", "-inf")]
+  for kw, m in ((dict(temperature=-1.0), "temperature"), (dict(top_k=-1), "top_k"), (dict(top_p=0.0), "top_p"),
+                *nonfinite):
     with pytest.raises(ValueError, match=m):
       Sampling(**kw)
 
@@ -384,6 +452,7 @@ def test_generate_cli(workdirs, tmp_path):
                     ((f"--workdir={wd}", "--prompt="), "the prompt has no tokens"),
                     ((f"--workdir={wd}", "--prompt=" + "x" * 70), "exceeds max_len=64"),
                     ((f"--workdir={wd}", "--prompt=x", "--top-p=1.5"), "top_p must lie in"),
-                    ((f"--workdir={wd}", "--prompt=x", "--temperature=-2"), "temperature must be >= 0")):
+                    ((f"--workdir={wd}", "--prompt=x", "--temperature=-2"), "temperature must be >= 0"),
+                    ((f"--workdir={wd}", "--prompt=x", "--temperature=inf"), "and finite, got inf")):
     r = _cli(*args)
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: ") and msg in r.stderr, r.stderr

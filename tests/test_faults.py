@@ -2,8 +2,9 @@
 incompatible configs).
 
 Runs: a corrupted checkpoint is set aside and the run completes; resume checks the data's contents
-and keeps the schedule; a failed save stops the run at once; a finished run is never rewritten;
-logs are truncated on resume and never overwritten silently; the NaN stop's advice is true.
+and keeps the schedule; a failed save stops the run at once; Ctrl-C ends a run in one line saying how
+to resume; a workdir in use by another run is refused; a finished run is never rewritten; logs are
+truncated on resume and never overwritten silently; the NaN stop's advice is true.
 Inputs: damaged caches (token ids, tokenizers, the Austen texts) are rebuilt with one warning
 naming the file; out-of-range token ids are an error also under jit; bad config values are one-line
 errors before the workdir is touched; a mesh that leaves devices idle is warned about."""
@@ -15,8 +16,11 @@ import json
 import logging
 import os
 import random
+import re
+import shlex
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -57,13 +61,19 @@ def launch(work, *sets, module="experiments.train", env=None, extra=()):
 
 
 def digests(work) -> dict[str, str]:
-  """sha256 of every file under ``work`` (path relative to it)."""
+  """sha256 of every file under ``work`` (path relative to it) but the lock (it names its latest holder)."""
   return {str(p.relative_to(work)): hashlib.sha256(p.read_bytes()).hexdigest()
-          for p in sorted(work.rglob("*")) if p.is_file()}
+          for p in sorted(work.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
 def steps_logged(work) -> list[int]:
   return [r["step"] for r in map(json.loads, (work / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def wait_for_checkpoint(work, step: int, timeout: float = 300) -> None:
+  deadline = time.time() + timeout
+  while time.time() < deadline and not (work / "checkpoints" / str(step) / "commit_success.txt").exists():
+    time.sleep(0.05)
 
 
 def same_state(a, b) -> bool:
@@ -171,7 +181,7 @@ def test_unwritable_checkpoints_refused_before_training(tmp_path):
   assert r.returncode != 0 and time.perf_counter() - t0 < 60
   last = r.stderr.strip().splitlines()[-1]
   assert last.startswith(f"error: writing checkpoints to {work / 'checkpoints'} failed") and "Permission denied" in last
-  assert sorted(p.name for p in work.iterdir()) == ["checkpoints"]
+  assert sorted(p.name for p in work.iterdir()) == [".lock", "checkpoints"]  # the lock is taken first
 
 
 def test_a_save_failing_mid_run_stops_it_within_seconds(tmp_path):
@@ -180,9 +190,7 @@ def test_a_save_failing_mid_run_stops_it_within_seconds(tmp_path):
   args = [a for s in ("config:tiny", *QUIET, "set:train.steps=400", "set:checkpoint.every=2") for a in ("--config", s)]
   p = subprocess.Popen(_unwritable([sys.executable, "-m", "experiments.train", *args, "--workdir", str(work)]),
                        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 300
-  while time.time() < deadline and not (work / "checkpoints" / "2" / "commit_success.txt").exists():
-    time.sleep(0.05)
+  wait_for_checkpoint(work, 2)
   (work / "checkpoints").chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP)
   t0 = time.perf_counter()
   try:
@@ -194,6 +202,58 @@ def test_a_save_failing_mid_run_stops_it_within_seconds(tmp_path):
   kept = sorted(int(n.name) for n in (work / "checkpoints").iterdir() if n.name.isdigit())
   assert "failed" in last and "Permission denied" in last and f"the committed checkpoints {kept} are kept" in last
   assert len(err.splitlines()) < 60  # a line, not hundreds of lines of tracebacks
+
+
+def test_ctrl_c_ends_a_run_in_one_line_and_the_same_command_resumes(tmp_path):
+  """Ctrl-C printed a KeyboardInterrupt traceback (and Orbax's error for the save it waited on)."""
+  work = tmp_path / "w"
+  args = [a for s in ("config:tiny", *QUIET, "set:train.steps=40", "set:checkpoint.every=2") for a in ("--config", s)]
+  cmd = [sys.executable, "-m", "experiments.train", *args, "--workdir", str(work)]
+  p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  wait_for_checkpoint(work, 2)
+  p.send_signal(signal.SIGINT)
+  try:
+    _, err = p.communicate(timeout=120)
+  finally:
+    p.kill()
+  assert p.returncode == 130 and "Traceback" not in err, err[-3000:]
+  lines = [line for line in err.splitlines() if not re.match(r"W\d{4} ", line)]  # absl warnings aside
+  assert len(lines) == 1, err[-3000:]
+  m = re.fullmatch(r"pmem: interrupted at step (\d+) of 40; the last checkpoint is step (\d+) \((.+)\); "
+                   r"resume with: (.+)", lines[0])
+  assert m and 2 <= int(m[2]) <= int(m[1]) < 40, lines[0]
+  assert m[3] == str(work / "checkpoints" / m[2]) and m[4] == shlex.join(cmd)
+  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0 and f"resumed from the step-{m[2]} checkpoint" in r.stdout, r.stderr[-3000:]
+  assert steps_logged(work) == list(range(1, 41))
+
+
+# takes the workdir's lock as the launcher does, says so and holds it until killed
+HOLDER = ("import sys; from pmem.train.loop import lock_workdir; f = lock_workdir(sys.argv[1]); "
+          "print('held', flush=True); input()")
+
+
+def test_a_workdir_in_use_is_refused_and_a_dead_holders_lock_is_not(tmp_path):
+  """Two runs on one workdir: the second was refused only if the first had written its logs by then."""
+  work = tmp_path / "w"
+  holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(work)], cwd=ROOT, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline() == "held\n"
+    before = {f.name: f.read_bytes() for f in work.iterdir()}
+    r = launch(work, "set:train.steps=2")
+  finally:
+    holder.kill()  # SIGKILL: its lock file stays behind, the kernel drops the lock
+    holder.wait()
+  assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+  last = r.stderr.strip().splitlines()[-1]
+  who = f"pid {holder.pid} on {socket.gethostname()}"
+  assert re.fullmatch(rf"error: {re.escape(f'{work} is in use by {who}')} \(started [\d\- :]+\); wait for it or use "
+                      r"another --workdir", last), last
+  assert {f.name: f.read_bytes() for f in work.iterdir()} == before and list(before) == [".lock"]
+  r = launch(work, "set:train.steps=2")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert not (work / ".lock").read_text().startswith(f"pid {holder.pid} ")  # the new run's
 
 
 def test_a_finished_run_is_reported_not_rewritten_and_evaluate_reads_it(tmp_path):

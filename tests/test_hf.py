@@ -6,6 +6,7 @@ kind, fine-tuning and resuming a converted workdir through the launchers, and ba
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,15 +15,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from safetensors.numpy import save_file
 from tokenizers import Tokenizer, decoders, models
 
-from experiments import convert
+from experiments import convert, generate
 from pmem.core.mixer import TokenContext
 from pmem.data import tokenizer as tok_lib
 from pmem.layers.attention import Attention
 from pmem.layers.mlp import SwiGLU
 from pmem.models import Decoder, DecoderConfig, LayerOverride, hf
 from tests.conftest import ROOT, run_launcher, run_oracle
+from tests.tolerances import tol
 
 ORACLE = str(ROOT / "experiments/oracles/hf_models.py")
 NAMES = ("llama", "llama_tied_bf16", "qwen2")
@@ -95,7 +98,7 @@ def test_export_round_trip_is_bit_exact_and_loads_in_transformers(oracle, tmp_pa
   exported = []
   for name in NAMES:
     src = str(root / "models" / name)
-    exported.append(to_hf(workdirs[name], tmp_path / name))
+    exported.append(to_hf(workdirs[name], tmp_path / name, "--dtype", "source"))
     assert same_tensors(hf.tensors(exported[-1]), hf.tensors(src)), name  # dtypes kept: bfloat16 too
     source, written = hf.read_config(src), hf.read_config(exported[-1])
     assert {k: written[k] for k in source} == source  # every source field kept; head_dim etc. added
@@ -136,7 +139,7 @@ def test_cli_fine_tunes_resumes_generates_and_exports(oracle, tmp_path):
   ids = [int(i) for i in tuned.tokenizer.encode_batch(["To be, or not"])[0]]
   ref = tuned.generator().generate([ids], 6)
   assert json.loads(r.stdout.strip().splitlines()[-1])["token_ids"] == ref.tokens[0].tolist()
-  # the fine-tuned model exports (in float32, its source's dtype) and transformers computes its logits
+  # the fine-tuned model exports (in float32, the default) and transformers computes its logits
   out = to_hf(wd, tmp_path / "tuned")
   run_oracle(ORACLE, "run", out, str(root / "in.npz"), str(tmp_path / "out.npz"))
   diff = np.abs(np.load(tmp_path / "out.npz")["logits_0"] - logits(tuned.model, inp["input_ids"])).max()
@@ -222,9 +225,24 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
   good = tmp_path / "good"
   tensors = hf.export(decoder(small()))
   hf.save(str(good), LLAMA, tensors)
+  for name in ("truncated", "garbled"):
+    shutil.copytree(good, tmp_path / name)
+  weights = good / hf.WEIGHTS
+  os.truncate(tmp_path / "truncated" / hf.WEIGHTS, weights.stat().st_size // 2)
+  (tmp_path / "garbled" / hf.WEIGHTS).write_bytes(np.random.default_rng(0).bytes(weights.stat().st_size))
+  sharded, names = tmp_path / "sharded", sorted(tensors)
+  sharded.mkdir()
+  (sharded / "config.json").write_text(json.dumps(LLAMA))
+  shards = {f"model-0000{i + 1}-of-00002.safetensors": names[i::2] for i in range(2)}
+  for file, part in shards.items():
+    save_file({n: tensors[n] for n in part}, str(sharded / file))
+  (sharded / hf.INDEX).write_text(json.dumps({"weight_map": {n: f for f, part in shards.items() for n in part}}))
+  last = sharded / "model-00002-of-00002.safetensors"
+  os.truncate(last, last.stat().st_size - 1)  # one byte short
   bad_shape = tmp_path / "bad_shape"
   tensors["model.layers.1.mlp.up_proj.weight"] = np.zeros((47, 32), np.float32)
   hf.save(str(bad_shape), LLAMA, tensors)
+  unreadable = "not a readable safetensors file"
   cases = {"missing": (None, "is not a directory"), "empty": ({}, "has no config.json"),
            "mistral": (LLAMA | {"model_type": "mistral"}, "model_type 'mistral' is not supported"),
            "gelu": (LLAMA | {"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
@@ -235,7 +253,10 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
            "bias": (LLAMA | {"attention_bias": True}, "attention_bias=true is not supported for llama"),
            "sliding": (LLAMA | {"model_type": "qwen2", "use_sliding_window": True}, "sliding-window attention"),
            "no_weights": (LLAMA, "has neither model.safetensors nor model.safetensors.index.json"),
-           "bad_shape": ("keep", "model.layers.1.mlp.up_proj.weight has shape [47, 32], the config gives [48, 32]")}
+           "bad_shape": ("keep", "model.layers.1.mlp.up_proj.weight has shape [47, 32], the config gives [48, 32]"),
+           "truncated": ("keep", f"truncated/{hf.WEIGHTS}: {unreadable} (Error while deserializing header"),
+           "garbled": ("keep", f"garbled/{hf.WEIGHTS}: {unreadable}"),
+           "sharded": ("keep", f"sharded/model-00002-of-00002.safetensors: {unreadable}")}
   for name, (config, msg) in cases.items():
     src = tmp_path / name
     if config not in (None, "keep"):
@@ -254,7 +275,19 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
   assert os.listdir(tmp_path / "w") == ["keep.txt"]
   with pytest.raises(SystemExit, match="has no config.json; is it a pmem workdir"):
     to_hf(str(tmp_path / "missing"), tmp_path / "out")
-  assert not (tmp_path / "out").exists()
+  # an HF checkpoint where a workdir belongs
+  for cli in (functools.partial(to_hf, str(good), tmp_path / "out"),
+              functools.partial(generate.main, ["--workdir", str(good), "--prompt", "x"])):
+    with pytest.raises(SystemExit) as e:
+      cli()
+    assert str(e.value.code) == (f"error: {good}/config.json is not a pmem run config (no Fiddle serialization); "
+                                 f"is {good} an HF checkpoint? import it with experiments.convert --from-hf")
+  # an imported workdir whose weights were cut short afterwards
+  convert.main(["--from-hf", str(good), "--workdir", str(tmp_path / "w2")])
+  os.truncate(tmp_path / "w2" / convert.HF_DIR / hf.WEIGHTS, weights.stat().st_size // 2)
+  with pytest.raises(SystemExit, match=f"^error: .*/w2/hf/{hf.WEIGHTS}: {unreadable} "):
+    to_hf(str(tmp_path / "w2"), tmp_path / "out")
+  assert not (tmp_path / "out").exists() and sorted(os.listdir(good)) == ["config.json", hf.WEIGHTS]
 
 
 def test_converted_workdir_without_tokenizer_is_token_level(tmp_path):
@@ -269,3 +302,42 @@ def test_converted_workdir_without_tokenizer_is_token_level(tmp_path):
   np.testing.assert_array_equal(logits(loaded.model, np.arange(9)[None]), logits(m, np.arange(9)[None]))
   assert loaded.config.model.tie_embeddings
   assert same_tensors(hf.tensors(to_hf(wd, tmp_path / "out", "--step", "0")), hf.tensors(str(src)))
+
+
+def checkpoint(workdir: str, model: Decoder, step: int) -> None:
+  """Saves ``model`` as ``workdir``'s checkpoint of ``step`` (the train state's items ``pmem.load`` restores)."""
+  from pmem.train.checkpoint import CheckpointConfig, Checkpointer
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), CheckpointConfig(async_save=False))
+  ckpt.save(step, {"params": params, "rest": rest}, {})
+  ckpt.close()
+
+
+def test_fine_tuned_bfloat16_import_exports_as_trained(tmp_path, capsys):
+  import pmem
+  src, wd = str(tmp_path / "src"), str(tmp_path / "w")
+  m = decoder(small())
+  hf.save(src, LLAMA, hf.export(m, dict.fromkeys(hf.export(m), np.dtype(jnp.bfloat16))))
+  convert.main(["--from-hf", src, "--workdir", wd])
+  model = pmem.load(wd).model
+  rng = np.random.default_rng(0)  # a fine-tune's updates: mostly below bfloat16's spacing (2^-8 relative)
+  nnx.update(model, jax.tree.map(lambda x: x + 1e-3 * rng.standard_normal(x.shape, np.float32),
+                                 nnx.state(model, nnx.Param)))
+  checkpoint(wd, model, 1)
+  tuned = pmem.load(wd)
+  assert tuned.step == 1
+  r = subprocess.run([sys.executable, "-m", "experiments.convert", "--to-hf", str(tmp_path / "default"),
+                      "--workdir", wd], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0 and "Sharding info" not in r.stderr and "warning" not in r.stderr, r.stderr
+  assert same_tensors(hf.tensors(str(tmp_path / "default")), hf.export(tuned.model))  # float32, as trained
+  to_hf(wd, tmp_path / "bfloat16", "--dtype", "bfloat16")
+  warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+  assert len(warned) == 1 and warned[0].startswith("pmem: warning: --dtype bfloat16 rounds 30 of 30 trained tensors")
+  ids = np.arange(T)[None]
+  ref = logits(tuned.model, ids)
+  # both sides are pmem's float32 forward: three layers of reductions of <= 64 terms (4 heads x 16, d_ff 48, 37 keys)
+  within = tol(np.float32, np.abs(ref).max(), 3 * 64)
+  for name in ("default", "bfloat16"):
+    convert.main(["--from-hf", str(tmp_path / name), "--workdir", str(tmp_path / f"w_{name}")])
+    close = np.allclose(logits(pmem.load(str(tmp_path / f"w_{name}")).model, ids), ref, **within)
+    assert close == (name == "default"), name  # bfloat16 loses the fine-tune

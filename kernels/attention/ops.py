@@ -18,7 +18,7 @@ head's group).
 | ``xla.py`` | ``jax.nn.dot_product_attention`` with the boolean mask, autodiff (what ``pmem.layers.attention`` ran before the op, bit for bit) |
 | ``native.py`` | C++ through the XLA FFI (``kernels/native/kernels.cc``), float32; the custom_vjp |
 | ``pallas_tpu.py`` | ``jax.experimental.pallas.ops.tpu.flash_attention`` (``library.py``: GQA, padding rows); no window |
-| ``pallas_gpu.py`` | ``jax.experimental.pallas.ops.gpu.attention.mha`` (Pallas via Triton; ``library.py``); no window |
+| ``pallas_gpu.py`` | pmem's FlashAttention-2, a generic ``pl.pallas_call`` lowered through Triton; the custom_vjp; no window |
 """
 
 from __future__ import annotations

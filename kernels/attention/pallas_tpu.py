@@ -1,26 +1,30 @@
 """Pallas TPU: ``jax.experimental.pallas.ops.tpu.flash_attention`` (FlashAttention forward and backward in
 Mosaic TPU, segment ids, causal) under the op's GQA and padding rules (``library.py``).
 
-Tiles of the largest of 512 / 256 / 128 positions dividing T. On CPU the kernel runs in TPU interpret mode;
-there its backward is taken from the kernel's own VJP re-traced under that mode (a second forward), since the
-outer ``grad`` traces the backward outside any context this function could hold."""
+The library kernel is imported by ``check`` and when first run (a jax without it: Unavailable with the reason).
+Tiles of the largest of 512 / 256 / 128 positions dividing T. On CPU the kernel runs in TPU interpret mode; there its
+backward is taken from the kernel's own VJP re-traced under that mode (a second forward), since the outer ``grad``
+traces the backward outside any context this function could hold."""
 
 from __future__ import annotations
 
 import jax
 from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas.ops.tpu import flash_attention as fa
 
 from kernels import common
 from kernels.attention import library
+
+FLASH = "jax.experimental.pallas.ops.tpu.flash_attention"  # imported when first run: a jax without it -> Unavailable
 
 
 def check(dtype, shape, window) -> None:
   del dtype
   library.check(shape, window, "pallas_tpu", 128)
+  common.library(FLASH, "pallas_tpu")
 
 
 def _flash(q, k, v, seg):
+  fa = common.library(FLASH, "pallas_tpu")
   t, h = q.shape[1], q.shape[3]
   bt = next(c for c in (512, 256, 128) if t % c == 0)
   blocks = fa.BlockSizes(block_q=bt, block_k_major=bt, block_k=bt, block_b=1, block_q_major_dkv=bt,

@@ -21,7 +21,6 @@ from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array, Float
 
 from kernels import common
-from kernels.dora import xla
 
 CHUNK = 512
 
@@ -75,7 +74,7 @@ def dora_norm(w: Float[Array, "d_in d_out"], a: Float[Array, "d_in r"], b: Float
   Only XLA implements it (``implementation`` is ``"auto"`` or ``"xla"``)."""
   _check_factors(w, a, b)
   if chunk is None:
-    chunk = w.shape[0] if w.dtype == a.dtype == xla.accumulator(w.dtype, a.dtype, b.dtype) else CHUNK
+    chunk = w.shape[0] if w.dtype == a.dtype == common.accumulator(w.dtype, a.dtype, b.dtype) else CHUNK
   if chunk < 1:
     raise ValueError(f"chunk must be >= 1, got {chunk}")
   name = common.select("kernels.dora", implementation, "norm", w.shape[1], w.dtype)[0]
@@ -122,7 +121,7 @@ def dora_compose(base: Float[Array, "... D"], lora: Float[Array, "... D"], g: Fl
 
 
 def _merged(w, a, b, s: float):
-  c = xla.accumulator(w.dtype, a.dtype, b.dtype)
+  c = common.accumulator(w.dtype, a.dtype, b.dtype)
   return w.astype(c) + s * jnp.matmul(a.astype(c), b.astype(c), precision=jax.lax.Precision.HIGHEST)
 
 

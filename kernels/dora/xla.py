@@ -13,17 +13,13 @@ import functools
 import jax
 import jax.numpy as jnp
 
-f32 = jnp.float32
+from kernels.common import accumulator
+
 _dot = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)  # no TF32 / bf16 passes on GPU / TPU
 
 
 def check(op: str, d: int, dtype) -> None:
   del op, d, dtype
-
-
-def accumulator(*dtypes) -> jnp.dtype:
-  """float32, or float64 when an input is (x64 tests)."""
-  return jnp.promote_types(jnp.result_type(*dtypes), f32)
 
 
 def over_chunks(n: int, chunk: int, body, carry):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +21,8 @@ class Sampling:
   seed: int = 0
 
   def __post_init__(self):
-    if not self.temperature >= 0:
-      raise ValueError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
+    if not 0 <= self.temperature < math.inf:  # nan and inf too
+      raise ValueError(f"temperature must be >= 0 (0: greedy) and finite, got {self.temperature}")
     if self.top_k < 0:
       raise ValueError(f"top_k must be >= 0 (0: no top-k), got {self.top_k}")
     if not 0 < self.top_p <= 1:

@@ -15,7 +15,7 @@ Without ``window`` the caller keeps ``end + T <= max_len`` (the generator checks
 ``kernel_impl`` (the model's, ``DecoderConfig.kernel_impl``): the no-cache call (training, a whole forward)
 runs ``kernels.attention`` with that implementation where the op has it and it runs this layer (``"native"``,
 ``"pallas"``, ...; a name the op lacks, or a kernel that refuses the layer's window, length or dtype: ``"xla"``);
-prefill and decode over a cache stay on ``jax.nn.dot_product_attention``."""
+prefill and decode over a cache stay on ``jax.nn.dot_product_attention`` (``kernels.attention.xla``)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from kernels.attention import IMPLEMENTATIONS as KERNELS, attention
+from kernels.attention.xla import dot_product_attention
 from kernels.common import Unavailable
 from pmem.core import accounting
 from pmem.core.registry import SEQUENCE_MIXERS
@@ -112,14 +113,14 @@ class Attention(nnx.Module):
     elif t == 1 or self.window is None:  # the new tokens overwrite no slot they could see: write, then read
       state = self._write(state, k, v, ctx)
       mask = cache_mask(ctx.positions, ctx.segment_ids, state["pos"], state["seg"], self.window)
-      o = jax.nn.dot_product_attention(q, state["k"].astype(dt), state["v"].astype(dt), mask=mask)
+      o = dot_product_attention(q, state["k"].astype(dt), state["v"].astype(dt), mask)
     else:  # a chunk longer than one token into a ring: attend over the old slots and the chunk
       c = state
       keys = jnp.concatenate([c["k"], k.astype(c["k"].dtype)], 1).astype(dt)
       vals = jnp.concatenate([c["v"], v.astype(c["v"].dtype)], 1).astype(dt)
       mask = cache_mask(ctx.positions, ctx.segment_ids, jnp.concatenate([c["pos"], ctx.positions], 1),
                         jnp.concatenate([c["seg"], ctx.segment_ids], 1), self.window)
-      o = jax.nn.dot_product_attention(q, keys, vals, mask=mask)
+      o = dot_product_attention(q, keys, vals, mask)
       state = self._write(c, k, v, ctx)
     o = constrain(o, ("batch", "length", "act_heads", None))
     y = adapters.project(self, "wo", o.reshape(b * t, n * h), ctx.rng)

@@ -14,6 +14,7 @@ from pmem.core import accounting
 from pmem.core.registry import SEQUENCE_MIXERS
 from pmem.layers.init import fan_in_normal
 from pmem.layers.recurrent import LinearRecurrence
+from kernels.common import widen
 
 
 def _l2(x, eps: float = 1e-6):
@@ -32,7 +33,7 @@ class DeltaNet(LinearRecurrence):
                      dtype=dtype, rngs=rngs)
 
   def features(self, q, k):
-    return _l2(q.astype(jnp.float32)), _l2(k.astype(jnp.float32))
+    return _l2(widen(q)), _l2(widen(k))
 
 
 @SEQUENCE_MIXERS.register("gdn")
@@ -49,7 +50,7 @@ class GatedDeltaNet(DeltaNet):
     self.dt_bias = nnx.Param(dt_bias_init(p(), n_heads), axes=(None,))
 
   def decay(self, x2, b, t):
-    z = (x2 @ self.w_alpha[...].astype(x2.dtype)).astype(jnp.float32) + self.dt_bias[...]
+    z = widen(x2 @ self.w_alpha[...].astype(x2.dtype)) + self.dt_bias[...]
     return (-jnp.exp(self.A_log[...]) * jax.nn.softplus(z)).reshape(b, t, self.n_heads)
 
   def cost(self, seq_len: int) -> accounting.Cost:

@@ -12,6 +12,7 @@ from pmem.core import accounting
 from pmem.core.registry import SEQUENCE_MIXERS
 from pmem.layers.init import fan_in_normal
 from pmem.layers.recurrent import LinearRecurrence
+from kernels.common import widen
 
 FEATURE_MAPS = {"identity": lambda x: x, "elu": lambda x: jax.nn.elu(x) + 1.0, "relu": jax.nn.relu}
 
@@ -51,7 +52,7 @@ class GLA(LinearRecurrence):
 
   def decay(self, x2, b, t):
     z = (x2 @ self.w_a1[...].astype(x2.dtype)) @ self.w_a2[...].astype(x2.dtype) + self.b_a[...]
-    return (jax.nn.log_sigmoid(z.astype(jnp.float32)) / self.normalizer).reshape(b, t, self.n_heads, self.head_dim)
+    return (jax.nn.log_sigmoid(widen(z)) / self.normalizer).reshape(b, t, self.n_heads, self.head_dim)
 
   def cost(self, seq_len: int) -> accounting.Cost:
     r = self.w_a1.shape[1]

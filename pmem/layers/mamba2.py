@@ -16,6 +16,7 @@ from pmem.core.rules import constrain
 from pmem.layers.deltanet import dt_bias_init
 from pmem.layers.init import fan_in_normal
 from pmem.layers.recurrent import ShortConv, recur
+from kernels.common import accumulator, widen
 
 
 @SEQUENCE_MIXERS.register("mamba2")
@@ -40,7 +41,7 @@ class Mamba2(nnx.Module):
 
   def init_state(self, batch: int, max_len: int, dtype: str = "float32") -> dict:
     del max_len
-    return {"S": jnp.zeros((batch, self.n_heads, self.d_state, self.head_dim), jnp.float32),
+    return {"S": jnp.zeros((batch, self.n_heads, self.d_state, self.head_dim), accumulator(dtype)),
             "conv": jnp.zeros((batch, self.conv.width - 1, self.conv.channels), dtype)}
 
   def __call__(self, x, ctx, state: dict | None = None):
@@ -50,12 +51,12 @@ class Mamba2(nnx.Module):
     z, xbc, dt = jnp.split(zxbcdt, [inner, 2 * inner + 2 * n], axis=-1)
     xbc, tail = self.conv(xbc, ctx.positions, None if state is None else state["conv"])
     xs, B, C = jnp.split(jax.nn.silu(xbc), [inner, inner + n], axis=-1)
-    dt = jax.nn.softplus(dt.astype(jnp.float32) + self.dt_bias[...])  # [B, T, H]
-    xs = xs.reshape(b, t, h, p).astype(jnp.float32)
-    heads = lambda u: jnp.broadcast_to(u[:, :, None].astype(jnp.float32), (b, t, h, n))  # noqa: E731
+    dt = jax.nn.softplus(widen(dt) + self.dt_bias[...])  # [B, T, H]
+    xs = widen(xs.reshape(b, t, h, p))
+    heads = lambda u: jnp.broadcast_to(widen(u[:, :, None]), (b, t, h, n))  # noqa: E731
     y, S = recur(heads(C), heads(B), xs * dt[..., None], dt * -jnp.exp(self.A_log[...]), None, ctx,
                  None if state is None else state["S"], self.chunk)
-    y = (y + self.D[...][:, None] * xs).reshape(b, t, inner) * jax.nn.silu(z.astype(jnp.float32))
+    y = (y + self.D[...][:, None] * xs).reshape(b, t, inner) * jax.nn.silu(widen(z))
     y = y * jax.lax.rsqrt(jnp.mean(y * y, -1, keepdims=True) + 1e-6) * self.norm[...]
     out = constrain((y.astype(dt_).reshape(b * t, inner) @ self.w_out[...].astype(dt_)).reshape(b, t, d),
                     ("batch", "length", "embed"))

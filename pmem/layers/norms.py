@@ -10,6 +10,7 @@ from jaxtyping import Array, Float
 from kernels import fused_add_rmsnorm
 from kernels.common import check_name
 from pmem.core import accounting
+from kernels.common import widen
 
 
 class RMSNorm(nnx.Module):
@@ -22,7 +23,7 @@ class RMSNorm(nnx.Module):
     self.scale = nnx.Param(jnp.ones((d,), jnp.float32), axes=("embed",))
 
   def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
-    x32 = x.astype(jnp.float32)
+    x32 = widen(x)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return (self.scale[...] * y).astype(x.dtype)
 

@@ -31,8 +31,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
-
-F32 = jnp.float32
+from kernels.common import accumulator, widen
 
 
 def step(S: Float[Array, "B H K V"], q, k, v, a, beta=None, reset=None):
@@ -40,7 +39,7 @@ def step(S: Float[Array, "B H K V"], q, k, v, a, beta=None, reset=None):
   (delta rule) or None, ``reset [B]`` → ``(S_t, o_t [B, H, V])``."""
   if reset is not None:
     S = jnp.where(reset[:, None, None, None], 0.0, S)
-  g = jnp.exp(a.astype(F32))
+  g = jnp.exp(widen(a))
   S = S * (g[..., None] if g.ndim == 3 else g[..., None, None])
   if beta is not None:
     v = beta[..., None] * (v - jnp.einsum("bhk,bhkv->bhv", k, S))
@@ -50,11 +49,12 @@ def step(S: Float[Array, "B H K V"], q, k, v, a, beta=None, reset=None):
 
 def naive(q, k, v, a, beta=None, reset=None, S0=None):
   """:func:`step` over the tokens: ``(o [B, T, H, V], S_T)``."""
-  q, k, v, a = (x.astype(F32) for x in (q, k, v, a))
+  acc = accumulator(q.dtype, k.dtype, v.dtype, a.dtype)
+  q, k, v, a = (x.astype(acc) for x in (q, k, v, a))
   b, _, h, dk = k.shape
-  S0 = jnp.zeros((b, h, dk, v.shape[-1]), F32) if S0 is None else S0.astype(F32)
+  S0 = jnp.zeros((b, h, dk, v.shape[-1]), acc) if S0 is None else S0.astype(acc)
   xs = [jnp.moveaxis(x, 1, 0) for x in (q, k, v, a)]
-  extra = [None if beta is None else jnp.moveaxis(beta.astype(F32), 1, 0),
+  extra = [None if beta is None else jnp.moveaxis(beta.astype(acc), 1, 0),
            None if reset is None else jnp.moveaxis(reset, 1, 0)]
 
   def body(S, x):
@@ -84,9 +84,10 @@ def _chunked(q, k, v, a, beta, reset, c: int, S0):
     x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill) if pad else x
     return x.reshape(b, n, c, *x.shape[2:])
 
-  q, k, v, a = (blocks(x.astype(F32)) for x in (q, k, v, a))
+  acc = accumulator(q.dtype, k.dtype, v.dtype, a.dtype)
+  q, k, v, a = (blocks(x.astype(acc)) for x in (q, k, v, a))
   reset = blocks(jnp.zeros((b, t), bool) if reset is None else reset)
-  S0 = jnp.zeros((b, h, dk, dv), F32) if S0 is None else S0.astype(F32)
+  S0 = jnp.zeros((b, h, dk, dv), acc) if S0 is None else S0.astype(acc)
   bcum = jnp.cumsum(a, axis=2)  # [B, N, C, H(, K)]
   doc = jnp.cumsum(reset.astype(jnp.int32), axis=2)  # document index within the chunk (0: the entering one)
   same = doc[:, :, :, None] == doc[:, :, None, :]  # [B, N, C(t), C(s)]
@@ -111,10 +112,10 @@ def _chunked(q, k, v, a, beta, reset, c: int, S0):
   if beta is None:
     u, w = v, None
   else:  # (I + diag(β) L) [u | w] = β ⊙ [v | e ⊙ k] (the UT transform), L strictly lower
-    bt = blocks(beta.astype(F32))  # [B, N, C, H]
+    bt = blocks(beta.astype(acc))  # [B, N, C, H]
     kk = jnp.einsum("bnthk,bnshk->bnhts", k, k) * jnp.moveaxis(D, -1, 2)
     strict = jnp.tril(jnp.ones((c, c), bool), -1)
-    m = jnp.eye(c, dtype=F32) + jnp.where(strict, jnp.moveaxis(bt, 2, 3)[..., None] * kk, 0.0)
+    m = jnp.eye(c, dtype=acc) + jnp.where(strict, jnp.moveaxis(bt, 2, 3)[..., None] * kk, 0.0)
     rhs = jnp.concatenate([v, e[..., None] * k], -1) * bt[..., None]  # [B, N, C, H, V + K]
     sol = jax.scipy.linalg.solve_triangular(m, jnp.moveaxis(rhs, 3, 2), lower=True, unit_diagonal=True)
     sol = jnp.moveaxis(sol, 2, 3)  # [B, N, C, H, V + K]

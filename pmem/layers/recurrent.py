@@ -19,6 +19,7 @@ from pmem.core.mixer import TokenContext
 from pmem.core.rules import constrain
 from pmem.layers import recurrence
 from pmem.layers.init import fan_in_normal
+from kernels.common import accumulator, widen
 
 
 class ShortConv(nnx.Module):
@@ -62,8 +63,8 @@ def recur(q, k, v, a, beta, ctx: TokenContext, S, chunk: int):
 
 
 def head_rms(o: Float[Array, "B T H V"], scale: jax.Array, eps: float = 1e-6) -> Float[Array, "B T H V"]:
-  """RMSNorm over each head's ``V`` values (float32 statistics)."""
-  o32 = o.astype(jnp.float32)
+  """RMSNorm over each head's ``V`` values (float32 statistics, float64 for float64)."""
+  o32 = widen(o)
   return o32 * jax.lax.rsqrt(jnp.mean(o32 * o32, -1, keepdims=True) + eps) * scale
 
 
@@ -108,7 +109,7 @@ class LinearRecurrence(nnx.Module):
 
   def init_state(self, batch: int, max_len: int, dtype: str = "float32") -> dict:
     del max_len
-    s = {"S": jnp.zeros((batch, self.n_heads, self.head_dim, self.value_dim), jnp.float32)}
+    s = {"S": jnp.zeros((batch, self.n_heads, self.head_dim, self.value_dim), accumulator(dtype))}
     s["conv"] = {n: jnp.zeros((batch, c.width - 1, c.channels), dtype) for n, c in self.convs.items()}
     return s
 
@@ -124,7 +125,7 @@ class LinearRecurrence(nnx.Module):
     q, k = self.features(proj["q"].reshape(b, t, h, kd), proj["k"].reshape(b, t, h, kd))
     v = proj["v"].reshape(b, t, h, vd)
     a = self.decay(x2, b, t)
-    a = jnp.zeros((b, t, h), jnp.float32) if a is None else a
+    a = jnp.zeros((b, t, h), accumulator(dt)) if a is None else a
     beta = jax.nn.sigmoid(x2 @ self.wb[...].astype(dt)).reshape(b, t, h) if self.delta else None
     o, S = recur(q * kd ** -0.5, k, v, a, beta, ctx, None if state is None else state["S"], self.chunk)
     o = head_rms(o, self.norm[...])

@@ -65,6 +65,7 @@ from pmem.core.variables import MemoryTable
 from pmem.layers.init import fan_in_normal
 from pmem.memory import diagnostics, edit, lookup
 from pmem.core.mixer import HostFeatures, TokenContext
+from kernels.common import accumulator, widen
 
 GATES = ("paper", "sqrt", "none")
 KERNEL = 4  # conv taps (paper, demo)
@@ -185,7 +186,7 @@ def _rows(table: MemoryTable, ids: Int[Array, "..."]) -> Float[Array, "... D"]:
 
 def _rms(x: Float[Array, "... D"], eps: float = 1e-6) -> Float[Array, "... D"]:
   """RMS normalisation in float32, without the scale (per-branch scales are applied by the caller)."""
-  x = x.astype(jnp.float32)
+  x = widen(x)
   return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
 
 
@@ -286,7 +287,7 @@ class Engram(nnx.Module):
     """α_m of every token and branch (module docstring)."""
     m, d = self.branches, self.d_model
     if self.gate == "none":
-      return jnp.ones((e.shape[0], m), jnp.float32)
+      return jnp.ones((e.shape[0], m), accumulator(e.dtype))
     k = (e @ self.w_k[...].astype(e.dtype).reshape(self.d_mem, m * d)).reshape(-1, m, d) + self.b_k[...].astype(e.dtype)
     s = (_rms(k) * self.scale_k[...] * (_rms(h)[:, None] * self.scale_h[...])).sum(-1) / d ** 0.5
     if self.gate == "sqrt":

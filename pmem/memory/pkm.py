@@ -51,7 +51,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from kernels import candidate_pairs, product_topk
-from kernels.common import check_name
+from kernels.common import check_name, widen
 from pmem.core import accounting
 from pmem.core.registry import CHANNEL_MIXERS
 from pmem.core.rules import constrain
@@ -81,7 +81,7 @@ def _values_table(key, n_keys: int, d_v: int) -> MemoryTable:
 
 def _normalize(x: jax.Array, kind: str, eps: float) -> jax.Array:
   """LayerNorm / RMSNorm statistics over the last dim, in float32, without the affine part."""
-  x32 = x.astype(jnp.float32)
+  x32 = widen(x)
   if kind == "layernorm":
     x32 = x32 - x32.mean(-1, keepdims=True)
   return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps)).astype(x.dtype)
@@ -196,7 +196,7 @@ class PKM(nnx.Module):
     b, t, _ = x.shape
     scores, slots = self.retrieve(x)
     diagnostics.usage("pkm", slots, self.num_slots)
-    w = jax.nn.softmax(scores.astype(jnp.float32), -1)
+    w = jax.nn.softmax(widen(scores), -1)
     return lookup.bag(self._table(ctx), slots.reshape(b, t, -1), w.reshape(b, t, -1),
                       implementation=self.implementation)
 

@@ -34,6 +34,7 @@ from pmem.layers.init import fan_in_normal
 from pmem.layers.norms import RMSNorm
 from pmem.memory import diagnostics
 from pmem.core.mixer import TokenContext
+from kernels.common import widen
 
 Factory = Callable[..., nnx.Module] | str
 
@@ -359,7 +360,7 @@ class Decoder(nnx.Module):
 
   def unembed(self) -> Float[Array, "D V"]:
     """The output head ``W``: logits = hidden @ W (the embedding's transpose when tied)."""
-    return self.embed.table[...].astype(jnp.float32).T if self.cfg.tie_embeddings else self.head[...]
+    return widen(self.embed.table[...]).T if self.cfg.tie_embeddings else self.head[...]
 
   def hidden(self, ids: Int[Array, "B T"], ctx: TokenContext, cache: dict | None = None):
     """``(h, new_cache)``: the float32 output of the last norm ``[B, T, D]`` (the logits are ``h @``
@@ -385,7 +386,7 @@ class Decoder(nnx.Module):
       else:
         x, c = stage(x, ctx, cache["stages"][i])
         new["stages"].append(c)
-    return self.norm_out(x).astype(jnp.float32), new
+    return widen(self.norm_out(x)), new
 
   def cost(self, seq_len: int) -> accounting.Cost:
     c = self.embed.cost(seq_len) + self.norm_out.cost(seq_len)

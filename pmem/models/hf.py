@@ -20,17 +20,20 @@ q/k), statistics in float32 times the weight.
 **Tensors.** PyTorch ``Linear`` weights are ``[out, in]``; pmem keeps ``[in..., out...]`` (``wq [d,
 n, h]``, ``wo [n, h, d]``, biases ``[n, h]``): a transpose and a reshape each way, in any layout of
 scanned or unrolled layers (:func:`pmem.models.decoder.layer_paths`). pmem's parameters are
-float32; a bfloat16 / float16 source converts exactly and an export writes each tensor in its
-source dtype, so import -> export is bit-exact. A tied model stores no ``lm_head.weight``.
+float32; a bfloat16 / float16 source converts exactly, so import -> export in the source's dtypes
+is bit-exact (``experiments.convert --to-hf`` writes float32 unless ``--dtype source`` or
+``bfloat16``). A tied model stores no ``lm_head.weight``.
 
 **Files.** ``config.json`` and ``model.safetensors``, or shards listed by
-``model.safetensors.index.json``, read with ``safetensors``' NumPy API (bfloat16 as ``ml_dtypes.bfloat16``).
-An export writes one ``model.safetensors`` (metadata ``format: pt``, as transformers writes) and a
+``model.safetensors.index.json``, read with ``safetensors``' NumPy API (bfloat16 as
+``ml_dtypes.bfloat16``; a truncated or garbled file is a one-line ValueError naming it). An export
+writes one ``model.safetensors`` (metadata ``format: pt``, as transformers writes) and a
 ``config.json``: the source's (of an imported model) with the fields above replaced, else a new
 one; ``Qwen2ForCausalLM`` when attention has biases, else ``LlamaForCausalLM``."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -41,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from pmem.core.variables import name_of
@@ -270,11 +273,21 @@ def weight_files(directory: str) -> list[str]:
   return [os.path.join(directory, n) for n in names]
 
 
+@contextlib.contextmanager
+def _open(path: str):
+  """``safe_open(path)``; a truncated or garbled file is one ValueError naming it."""
+  try:
+    with safe_open(path, framework="np") as f:
+      yield f
+  except SafetensorError as e:
+    raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
 def specs(directory: str) -> dict[str, tuple[tuple, np.dtype]]:
   """Tensor name -> (shape, dtype) of a checkpoint directory, from the files' headers."""
   out = {}
   for path in weight_files(directory):
-    with safe_open(path, framework="np") as f:
+    with _open(path) as f:
       for name in f.keys():
         s = f.get_slice(name)
         if s.get_dtype() not in DTYPES:
@@ -287,7 +300,7 @@ def tensors(directory: str) -> dict[str, np.ndarray]:
   """Every tensor of a checkpoint directory, in its stored dtype."""
   out = {}
   for path in weight_files(directory):
-    with safe_open(path, framework="np") as f:
+    with _open(path) as f:
       out.update({name: f.get_tensor(name) for name in f.keys()})
   return out
 

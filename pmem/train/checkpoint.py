@@ -18,7 +18,9 @@ import dataclasses
 import functools
 import logging
 import os
+import signal
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -110,14 +112,17 @@ class Checkpointer:
   def should_save(self, step: int, last: int) -> bool:
     return step == last or (self.cfg.every > 0 and step % self.cfg.every == 0)
 
-  def save(self, step: int, state, meta: dict) -> None:
-    """Starts saving ``step``; a failed write (disk full, permissions) raises :class:`CheckpointError`
-    and leaves the committed checkpoints as they were (Orbax commits by renaming a finished
-    temporary directory; leftovers are removed when the directory is next opened)."""
+  def save(self, step: int, state, meta: dict, wait: bool = False) -> None:
+    """Starts saving ``step`` (``wait``: and finishes it); a failed write (disk full, permissions) raises
+    :class:`CheckpointError` and leaves the committed checkpoints as they were (Orbax commits by
+    renaming a finished temporary directory; leftovers are removed when the directory is next
+    opened). A Ctrl-C meanwhile is delivered once the call returns (:func:`_uninterrupted`)."""
     meta = {**meta, "step": step, "fingerprint": self.fingerprint}
-    with self._failure(f"saving step {step}"):
+    with _uninterrupted(), self._failure(f"saving step {step}"):
       self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                       meta=ocp.args.JsonSave(meta)), force=True)
+      if wait:
+        self.manager.wait_until_finished()
 
   def check(self) -> None:
     """Raises :class:`CheckpointError` if an asynchronous save has failed (called every step)."""
@@ -208,6 +213,24 @@ class Checkpointer:
     with self._failure("finishing an asynchronous save"):
       self.manager.wait_until_finished()
     self.manager.close()
+
+
+@contextlib.contextmanager
+def _uninterrupted():
+  """Holds a Ctrl-C (SIGINT) back until the block ends, then delivers it: Orbax's save (or its wait for
+  the previous one) cut short in the main thread leaves its threads failing with tracebacks at exit,
+  while a save started is finished by :meth:`Checkpointer.close`."""
+  if threading.current_thread() is not threading.main_thread():  # signal handlers are the main thread's
+    yield
+    return
+  held = []
+  previous = signal.signal(signal.SIGINT, lambda *_: held.append(True))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
+    if held:
+      signal.raise_signal(signal.SIGINT)
 
 
 def _first_line(e: BaseException) -> str:

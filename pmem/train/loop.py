@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import functools
 import json
 import math
 import os
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -91,6 +93,27 @@ def data_contents(p: Pipeline, init_from: str | None = None) -> dict:
   return out | ({"init": hf.digest(init_from)} if init_from else {})
 
 
+def lock_workdir(workdir: str):
+  """An exclusive lock on ``workdir`` held while the returned file is open (for the process's life):
+  flock on ``.lock`` (``.lock.<i>`` for process i > 0 of a multi-process run, so the processes of one
+  run share the workdir and those of another are refused), which the kernel drops when the holder
+  dies; the file names its holder for the refusal."""
+  os.makedirs(workdir, exist_ok=True)
+  i = jax.process_index()
+  f = open(os.path.join(workdir, f".lock.{i}" if i else ".lock"), "a+")
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    f.seek(0)
+    holder = f.read().strip() or "another process"  # a holder that has not written itself yet
+    f.close()
+    raise ValueError(f"{workdir} is in use by {holder}; wait for it or use another --workdir") from None
+  f.truncate(0)
+  f.write(f"pid {os.getpid()} on {socket.gethostname()} (started {time.strftime('%Y-%m-%d %H:%M:%S')})")
+  f.flush()
+  return f
+
+
 def shardings_like(tree, abs_params, params_sh, default):
   """Shardings for a tree (optimizer state) whose leaves mirror parameters: a leaf whose key
   path ends with a parameter's path and has its shape gets that parameter's sharding."""
@@ -112,10 +135,11 @@ def count_params(state: nnx.State) -> int:
 class Trainer:
   """Builds everything a run needs; ``run`` trains and returns the summary. With a ``workdir`` it
   resumes from the newest readable checkpoint there (or ``step``); a fresh start in a workdir that
-  holds another run's logs needs ``overwrite``."""
+  holds another run's logs needs ``overwrite``; ``lock`` (the launcher's) holds :func:`lock_workdir`
+  from before the first write to it."""
 
   def __init__(self, exp: Experiment, workdir: str | None = None, *, overwrite: bool = False,
-               step: int | None = None):
+               step: int | None = None, lock: bool = False):
     self.exp, self.workdir = exp, workdir
     t = exp.train
     if t.steps < 1 or t.batch_size < 1 or t.seq_len < 1:
@@ -142,7 +166,8 @@ class Trainer:
       if t.init_from:  # its tensors fit the model (names, shapes), before anything is written
         hf.check(t.init_from, nnx.merge(graphdef, abs_params, abs_rest))
       self.ckpt, stored = None, None
-      if workdir:  # the first thing written to the workdir (checkpoints/, checked writable)
+      if workdir:  # the first things written to the workdir: the lock, checkpoints/ (checked writable)
+        self._lock = lock_workdir(workdir) if lock else None  # held while this Trainer lives
         self.ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), exp.checkpoint)
         stored = self.ckpt.latest_meta()
       # the schedule's horizon: given, else the one the checkpoints were written with, else train.steps
@@ -211,14 +236,15 @@ class Trainer:
         if self.host:
           self.host.restore(self.state.pop("host"))
         self.start_step = int(meta["data"]["next_step"])
-        self.it.set_state(meta["data"]["iterator"])
-        if self.start_step > t.steps:
+        if self.start_step > t.steps:  # before the iterator (of train.steps steps) is set past its end
           raise ValueError(f"{workdir} has a checkpoint at step {self.start_step}, past train.steps={t.steps}; "
                            f"set train.steps >= {self.start_step}")
+        self.it.set_state(meta["data"]["iterator"])
       elif step is not None:
         raise ckpt_lib.CheckpointError(f"checkpoint {step} in {self.ckpt.directory} is unreadable")
       else:
         self._fresh_start(overwrite)
+    self.reached = self.start_step  # the last step dispatched (run() advances it; :meth:`interrupted`)
     if t.init_from and self.start_step == 0:  # a fresh start: step 0 is the checkpoint's weights (adapters: init)
       with jax.set_mesh(self.mesh):
         model = nnx.merge(graphdef, self.state["params"], self.state["rest"])
@@ -229,7 +255,7 @@ class Trainer:
   def _fresh_start(self, overwrite: bool) -> None:
     """Step 0 in a workdir: refuse (unless ``overwrite``) if it holds the logs of a run that left no
     checkpoint to resume, so they are never overwritten silently; with ``overwrite``, remove them."""
-    found = [f for f in RUN_FILES if os.path.exists(os.path.join(self.workdir, f))]
+    found = self._run_files()
     if not found or self.ckpt.set_aside:  # checkpoints existed but were unreadable: the run restarts
       return
     if not overwrite:
@@ -239,6 +265,9 @@ class Trainer:
       for f in found:
         path = os.path.join(self.workdir, f)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+  def _run_files(self) -> list[str]:
+    return [f for f in RUN_FILES if os.path.exists(os.path.join(self.workdir, f))]
 
   def featurize(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``batch`` with the model's host-computed fields added (pmem.core.mixer.batch_features)."""
@@ -340,6 +369,18 @@ class Trainer:
     return FloatingPointError(f"{name} is {value} at step {step}; stopped before saving it; {where}; "
                               f"a resumed run may change the learning rate and clipping: try {fix}")
 
+  def interrupted(self, command: str) -> str:
+    """The Ctrl-C line (after :meth:`run`'s saves finished): the step reached, the newest checkpoint
+    and how to go on (``command``: the one that started the run)."""
+    kept = self.ckpt.committed() if self.ckpt else []
+    if kept:
+      where = (f"the last checkpoint is step {kept[-1]} ({os.path.join(self.ckpt.directory, str(kept[-1]))}); "
+               f"resume with: {command}")
+    else:  # logs without a checkpoint refuse a plain rerun
+      where = f"no checkpoint was saved yet; start over with: {command}" + (
+          " --overwrite" if self.workdir and self._run_files() else "")
+    return f"pmem: interrupted at step {self.reached} of {self.exp.train.steps}; {where}"
+
   def run(self) -> dict[str, Any]:
     t, lead, ev = self.exp.train, jax.process_index() == 0, self.exp.eval
     if (done := self.finished()) is not None:  # report it, change nothing
@@ -394,7 +435,7 @@ class Trainer:
           batch = self.to_device(next(self.it), self.rows)
           data_s += time.perf_counter() - t_data
           self.state, metrics = self.step_fn(self.state, batch)
-          step = s + 1
+          step = self.reached = s + 1
           if pending is not None:  # the previous step's metrics, read while this step runs
             report(pending[0], read(*pending))
             pending = None
@@ -410,11 +451,10 @@ class Trainer:
           elif log_now:
             pending = step, metrics
           if save_now:
+            # tables are saved without a copy (sync_save): finished before the next step writes them
             self.ckpt.save(step, {**self.state, "host": self.host.arrays()} if self.host else self.state,
                            {"data": {"next_step": step, "iterator": self.it.get_state()},
-                            "schedule_steps": self.schedule_steps})
-            if self.sync_save:  # tables are saved without a copy: finish before the next step writes them
-              self.ckpt.manager.wait_until_finished()
+                            "schedule_steps": self.schedule_steps}, wait=self.sync_save)
           if eval_now:
             results = self.evaluate()
             if results:
@@ -425,8 +465,8 @@ class Trainer:
           results = self.evaluate()
           if results:
             log.metrics({"step": t.steps, **results})
-        bar.close()
     finally:
+      bar.close()
       if self.ckpt is not None:
         self.ckpt.close()
     summary = {**head, "final_loss": log.last_loss, "steps": t.steps,

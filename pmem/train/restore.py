@@ -13,6 +13,7 @@ workdir is written or moved.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -56,7 +57,15 @@ def config(workdir: str):
   if not os.path.exists(path):
     raise FileNotFoundError(f"{workdir} has no config.json; is it a training workdir?")
   with open(path) as f:
-    return fdl.build(serialization.load_json(f.read()))
+    text = f.read()
+  try:
+    serialized = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not JSON ({e})") from None
+  if not isinstance(serialized, dict) or "objects" not in serialized:  # an HF config.json, say
+    raise ValueError(f"{path} is not a pmem run config (no Fiddle serialization); is {workdir} an HF checkpoint? "
+                     "import it with experiments.convert --from-hf")
+  return fdl.build(serialization.load_json(text))
 
 
 def tokenizer(exp):
@@ -93,10 +102,13 @@ def load(workdir: str, step: int | None = None) -> Loaded:
   if host:
     target["host"] = {n: {"table": np.empty(0, v.dtype)} for n, (_, v) in tables.items()}
   manager = ocp.CheckpointManager(directory, item_names=("state", "meta"))
+  # the target's shardings as restore arguments (without them Orbax reads the saved ones, with a warning)
+  restore = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                   partial_restore=True)
   errors = []
   for s in steps:
     try:
-      state = manager.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(target, partial_restore=True)))
+      state = manager.restore(s, args=ocp.args.Composite(state=restore))
       state = jax.block_until_ready(state["state"])
     except Exception as e:  # unreadable: try the one before
       errors.append(f"step {s}: {type(e).__name__}: {_first_line(e)}")
