@@ -18,7 +18,7 @@ from pmem.train.loop import Experiment, TrainConfig
 
 def mixer(registry, name: str, **kwargs) -> fdl.Partial:
   """A mixer factory chosen by registry name."""
-  return fdl.Partial(registry.get_or_raise(name), **kwargs)
+  return fdl.Partial(registry[name], **kwargs)
 
 
 def experiment(*, vocab=256, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=128,

@@ -26,7 +26,7 @@ import fiddle as fdl
 import configs
 import kernels
 from pmem.core.mesh import MeshConfig
-from pmem.core.registry import suggest
+from pmem.core.registry import suggest, unknown
 from pmem.data import corpus as corpus_lib, tokenizer as tok_lib
 from pmem.data.pipeline import DataConfig
 from pmem.data.tasks.bios import BiosConfig
@@ -225,6 +225,26 @@ def _child(b: fdl.Buildable, name: str):
   return value
 
 
+def built(value, path: str = "") -> list[str]:
+  """``"path: module.Class"`` for every Buildable under ``value`` (tuples, lists, dicts followed; ``Partial``
+  marked), outermost first: what ``config.txt`` records, since the flattened values alone do not say which
+  class a node builds (two mixers with the same arguments print alike)."""
+  if isinstance(value, fdl.Buildable):
+    fn = fdl.get_callable(value)
+    kind = " (Partial)" if isinstance(value, fdl.Partial) else ""
+    out = [f"{path or '<root>'}: {fn.__module__}.{fn.__qualname__}{kind}"]
+    items = fdl.ordered_arguments(value).items()
+  elif isinstance(value, (list, tuple)):
+    out, items = [], enumerate(value)
+  elif isinstance(value, dict):
+    out, items = [], value.items()
+  else:
+    return []
+  for k, v in items:
+    out += built(v, f"{path}.{k}" if path else str(k))
+  return out
+
+
 def paths(b: fdl.Buildable, prefix: str = "") -> list[str]:
   """Every settable path under ``b``."""
   out = []
@@ -288,20 +308,20 @@ def build_config(commands: list[str]) -> fdl.Config:
       if cfg is not None:
         raise ConfigError(f"config:{arg} given after another config:; give exactly one, first")
       if arg in configs.CONFIGS:
-        cfg = configs.CONFIGS[arg][0]()
+        cfg = configs.CONFIGS[arg]()
       elif os.path.isfile(os.path.join(arg, "config.json")):
         cfg = stored(arg)
       else:
-        raise ConfigError(f"unknown config {arg!r}{suggest(arg, configs.CONFIGS)} (see --list), nor a workdir "
-                          "holding config.json")
+        raise ConfigError(f"{unknown('config', arg, configs.CONFIGS)}; see --list (nor a workdir holding "
+                          "config.json)")
       continue
     if cfg is None:
       raise ConfigError(f"--config {cmd!r} comes before config:NAME; start with config:NAME")
     if kind == "fiddler":
       name, kwargs = _call(arg)
       if name not in configs.FIDDLERS:
-        raise ConfigError(f"unknown fiddler {name!r}{suggest(name, configs.FIDDLERS)} (see --list)")
-      fn = configs.FIDDLERS[name][0]
+        raise ConfigError(f"{unknown('fiddler', name, configs.FIDDLERS)}; see --list")
+      fn = configs.FIDDLERS[name]
       bad = set(kwargs) - set(inspect.signature(fn).parameters)
       if bad:
         raise ConfigError(f"fiddler {name!r} takes no argument {sorted(bad)[0]!r}")
@@ -323,7 +343,6 @@ def build_config(commands: list[str]) -> fdl.Config:
 
 def listing() -> str:
   configs.load_all()
-  rows = [("config:" + n, d) for n, (_, d) in sorted(configs.CONFIGS.items())]
-  rows += [("fiddler:" + n, d) for n, (_, d) in sorted(configs.FIDDLERS.items())]
+  rows = [(f"{r.kind}:{n}", r.doc(n)) for r in (configs.CONFIGS, configs.FIDDLERS) for n in sorted(r)]
   w = max(len(r[0]) for r in rows)
   return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)

@@ -17,6 +17,7 @@ import configs
 from configs import fiddler
 from pmem.layers.mlp import SwiGLU
 from pmem.models import Decoder
+from pmem.core.registry import unknown
 
 
 def cost(cfg: fdl.Config):
@@ -56,9 +57,9 @@ def match_flops(cfg: fdl.Config, like: str | None = None, kwargs: dict | None = 
     raise ValueError("match_flops takes exactly one of like='<fiddler name>' or flops=<int>")
   if like is not None:
     if like not in configs.FIDDLERS:
-      raise ValueError(f"match_flops: unknown fiddler {like!r}")
+      raise ValueError(f"match_flops: {unknown('fiddler', like, configs.FIDDLERS)}")
     _dense_mixer(cfg)
     other = copy.deepcopy(cfg)
-    configs.FIDDLERS[like][0](other, **(kwargs or {}))
+    configs.FIDDLERS[like](other, **(kwargs or {}))
     flops = flops_per_token(other)
   match_dense(cfg, int(flops))

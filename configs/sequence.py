@@ -10,11 +10,11 @@ import fiddle as fdl
 
 from configs import config, fiddler
 from configs.base import experiment
+from pmem.core import mixer as mixer_lib
 from pmem.core.registry import SEQUENCE_MIXERS
 from pmem.layers.attention import Attention
 from pmem.models import LayerOverride
 
-RECURRENT = ("linear_attn", "gla", "deltanet", "gdn", "mamba2")
 SWA_WINDOW = 16  # tiny's sequences are 64 tokens
 
 
@@ -26,14 +26,13 @@ def _heads(cfg: fdl.Config) -> int:
 
 
 def recurrent(name: str, n_heads: int, **kw) -> fdl.Partial:
-  """The registered recurrent mixer ``name`` (``RECURRENT``) with ``n_heads`` (Mamba2 has its own)."""
-  if name not in RECURRENT:
-    raise ValueError(f"unknown recurrent mixer {name!r} (known: {', '.join(RECURRENT)})")
-  return fdl.Partial(SEQUENCE_MIXERS[name], **({} if name == "mamba2" else {"n_heads": n_heads}), **kw)
+  """The registered sequence mixer ``name``, given ``n_heads`` if it takes them (Mamba2 has its own)."""
+  cls = SEQUENCE_MIXERS[name]
+  return fdl.Partial(cls, **({"n_heads": n_heads} if mixer_lib.takes(cls, "n_heads") else {}), **kw)
 
 
-@fiddler("mixer", "every layer's sequence mixer a recurrent one: mixer(name='gdn') (linear_attn, gla, "
-                  "deltanet, gdn, mamba2)")
+@fiddler("mixer", "every layer's sequence mixer a registered one: mixer(name='gdn') (linear_attn, gla, "
+                  "deltanet, gdn, mamba2, ...)")
 def mixer(cfg: fdl.Config, name: str = "gdn") -> None:
   cfg.model.sequence_mixer = recurrent(name, _heads(cfg))
 

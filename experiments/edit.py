@@ -104,9 +104,9 @@ def evaluate_edits(trainer: Trainer, n_edits: int, mode: str = "auto") -> dict:
   graphdef = trainer.graphdef
 
   @jax.jit
-  def predict(state, batch):
+  def predict(train_state, batch):
     """Argmax ids and the nll (nats) of the targets."""
-    model = nnx.merge(graphdef, state["params"], state["rest"])
+    model = nnx.merge(graphdef, train_state["params"], train_state["rest"])
     with lookup.reads(record=True):
       logits = model(batch["inputs"], step_lib.context(batch)).astype(jnp.float32)
     nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
@@ -130,50 +130,50 @@ def evaluate_edits(trainer: Trainer, n_edits: int, mode: str = "auto") -> dict:
                        ids_i, ids_j))
     return rows
 
-  def run(rows, state, edited=False):
+  def run(rows, train_state, edited=False):
     """Argmax ids, target nll and answer mask of each row; ``edited``: a context edit of every
     row's name span to the value person's name."""
     docs = pipe.encode_segments(tok, [[(it.context, False), (it.answer, True)] for it, *_ in rows])
     fields = pipe.window_fields(*pipe.pad_rows(docs, t1, "edit probes"))
     if edited:
       fields |= edit.edit_features(fields["inputs"], [(span, ids_j) for _, span, _, ids_j in rows], mode)
-    pred, nll = jax.device_get(predict(state, fields))
+    pred, nll = jax.device_get(predict(train_state, fields))
     return pred, nll, fields["targets"], fields["loss_mask"] > 0
 
-  def scores(rows, state, edited=False):
+  def scores(rows, train_state, edited=False):
     """Token accuracy (EasyEdit's rewrite / rephrase accuracy) and mean nats per answer token."""
-    pred, nll, targets, mask = run(rows, state, edited)
+    pred, nll, targets, mask = run(rows, train_state, edited)
     return (float(np.mean([(pred[r] == targets[r])[mask[r]].mean() for r in range(len(rows))])),
             float(nll[mask].mean()))
 
   pairs = {2 * e: 2 * e + 1 for e in range(n_edits)}
   others = items(range(2 * n_edits, bios.cfg.n_people), "seen", lambda i: i)
-  state = trainer.state
-  pred0, _, _, mask0 = run(others, state)
+  train_state = trainer.train_state
+  pred0, _, _, mask0 = run(others, train_state)
   seen, held = items(pairs, "seen", pairs.get), items(pairs, "heldout", pairs.get)
-  params = state["params"]
+  params = train_state["params"]
   # A's name tokens (as they occur in the prompts: sentence-initial or not) take B's rows
   for ids_a, ids_b in {(tuple(r[2]), tuple(r[3])) for r in seen + held}:
     params = edit.inject(params, np.array(ids_a), np.array(ids_b), mode)
-  injected = {**state, "params": params}
+  injected = {**train_state, "params": params}
   # greedy answers to A's questions (no context edit: generate reads the input ids' rows)
   probes = [it for it, *_ in seen]
-  answers = {k: greedy_answers(functools.partial(trainer.generate, state=s), tok, probes)
-             for k, s in (("before", state), ("inject", injected))}
+  answers = {k: greedy_answers(functools.partial(trainer.generate, train_state=s), tok, probes)
+             for k, s in (("before", train_state), ("inject", injected))}
 
-  def metrics(state, edited=False):
-    (rel, rel_nats), (gen, gen_nats) = scores(seen, state, edited), scores(held, state, edited)
-    loc = float((run(others, state)[0] == pred0)[mask0].mean())
+  def metrics(train_state, edited=False):
+    (rel, rel_nats), (gen, gen_nats) = scores(seen, train_state, edited), scores(held, train_state, edited)
+    loc = float((run(others, train_state)[0] == pred0)[mask0].mean())
     return {"reliability": rel, "generalization": gen, "locality": loc,
             "target_nats": rel_nats, "target_nats_heldout": gen_nats}
 
-  report = {"before": metrics(state), "context": metrics(state, True), "inject": metrics(injected)}
+  report = {"before": metrics(train_state), "context": metrics(train_state, True), "inject": metrics(injected)}
   for k, texts in answers.items():
     report[k]["generated_reliability"] = float(np.mean([matches(t, it.answer) for t, it in zip(texts, probes)]))
   samples = [{"question": it.context, "a_value": " " + getattr(bios.people[it.key], dict(it.group)["attribute"]),
               "b_value": it.answer, **{k: texts[r] for k, texts in answers.items()}}
              for r, it in enumerate(probes) if it.key < 2 * SAMPLE_PAIRS]
-  return {**report, "known": scores(items(pairs, "seen", lambda i: i), state)[0],
+  return {**report, "known": scores(items(pairs, "seen", lambda i: i), train_state)[0],
           "pairs": len(pairs), "probes": len(seen) + len(held), "locality_probes": len(others), "samples": samples}
 
 

@@ -26,10 +26,12 @@ flags.DEFINE_bool("distributed_auto", False, "let JAX detect the cluster (TPU po
 
 def write_config(cfg, workdir: str) -> None:
   from fiddle import printing
+
+  from configs import cli
   from fiddle.experimental import serialization
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.txt"), "w") as f:
-    f.write(printing.as_str_flattened(cfg) + "\n")
+  with open(os.path.join(workdir, "config.txt"), "w") as f:  # the classes built, then every value
+    f.write("".join(f"# {line}\n" for line in cli.built(cfg)) + printing.as_str_flattened(cfg) + "\n")
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(serialization.dump_json(cfg, indent=2))
 

@@ -26,7 +26,7 @@ NO_CACHE = {"JAX_ENABLE_COMPILATION_CACHE": "false"}
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-import tests.retnet  # noqa: E402,F401  (registers the test-only mixer and config)
+import tests.registered  # noqa: E402,F401  (the test-only mixer and configs)
 from tests.tolerances import tol  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -120,7 +120,8 @@ def test_fiddler_trains_only_the_adapters(kind):
   exp = fdl.build(cli.build_config(["config:tiny", f"fiddler:{kind}(rank=4, targets=('w_up', 'w_down'))",
                                     "set:train.steps=3", "set:train.progress=False", "set:eval.valid_batches=0"]))
   t = Trainer(exp)
-  flat = lambda: {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(t.state["params"])}
+  flat = lambda: {"/".join(map(str, p)): np.asarray(v.get_value())
+                  for p, v in nnx.to_flat_state(t.train_state["params"])}
   before = flat()
   t.run()
   after = flat()
@@ -151,7 +152,7 @@ def test_export_merges_the_adapters_into_the_weights(kind, tmp_path):
 
 @pytest.mark.parametrize("kind", ["lora", "dora"])
 def test_dropout_keys_follow_the_layer_scanned_or_unrolled(kind):
-  from pmem.models.decoder import unroll
+  from pmem.models.decoder import unstack
   _, cfg = _tiny(kind)
   model = Decoder(dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, dropout=0.5)), rngs=nnx.Rngs(0))
   for i, (_, v) in enumerate(p for p in nnx.to_flat_state(nnx.state(model, nnx.Param)) if "adapters" in p[0]):
@@ -162,7 +163,7 @@ def test_dropout_keys_follow_the_layer_scanned_or_unrolled(kind):
   assert float(jnp.abs(y0 - y1).max()) > 1e-3  # a new step's key draws new masks
   np.testing.assert_array_equal(y0, train(model, 0))  # the same key the same masks
   assert float(jnp.abs(y0 - model(ids, _ctx(ids))).max()) > 1e-3  # evaluation has none
-  flat = unroll(model)[0]  # the same layers, built one by one: each folds in its own layer index
+  flat = unstack(model)[0]  # the same layers as separate blocks: each folds in its own layer index
   assert_close(train(flat, 0), y0, terms=4 * (cfg.d_model + 16) * cfg.n_layers)
   assert float(jnp.abs(train(flat, 0) - train(flat, 1)).max()) > 1e-3
 
@@ -172,7 +173,7 @@ def test_training_with_dropout_is_a_function_of_the_step():
           "set:train.progress=False", "set:eval.valid_batches=0"]
   runs = [Trainer(fdl.build(cli.build_config(c))) for c in (cmds, cmds, [*cmds, "set:model.adapter.dropout=0.0"])]
   out = [t.run() for t in runs]
-  flat = lambda t: [np.asarray(v.get_value()) for _, v in nnx.to_flat_state(t.state["params"])]  # noqa: E731
+  flat = lambda t: [np.asarray(v.get_value()) for _, v in nnx.to_flat_state(t.train_state["params"])]  # noqa: E731
   for a, b in zip(flat(runs[0]), flat(runs[1])):
     np.testing.assert_array_equal(a, b)  # the masks come from (seed, step): reruns are bit-identical
   assert any(not np.array_equal(a, b) for a, b in zip(flat(runs[0]), flat(runs[2])))  # and they are drawn

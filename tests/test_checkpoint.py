@@ -119,7 +119,7 @@ def test_nan_keeps_the_last_good_checkpoint(tmp_path):
   bad_step = int(str(e.value).split(" at step ")[1].split(";")[0])
   good = trainer(tmp_path, *sets)
   assert good.start_step == bad_step - 1 and good.start_step >= 1
-  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(good.state["params"]))
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(good.train_state["params"]))
 
 
 @needs_devices(8)
@@ -130,7 +130,7 @@ def test_restore_onto_another_mesh(tmp_path):
   shutil.rmtree(tmp_path / "moved" / "checkpoints" / "8")  # as if stopped after step 4
   resumed = trainer(tmp_path / "moved", *sets, "set:mesh.data=2", "set:mesh.fsdp=2", "set:mesh.tensor=2")
   assert resumed.start_step == 4
-  wq = resumed.state["params"]["stages"][0]["blocks"]["seq"]["wq"][...]
+  wq = resumed.train_state["params"]["stages"][0]["blocks"]["seq"]["wq"][...]
   assert len(wq.sharding.device_set) == 8
   resumed.run()
   np.testing.assert_allclose(read_losses(tmp_path / "moved"), read_losses(tmp_path / "whole"), **LOSS_TOL)

@@ -1,6 +1,8 @@
 """Configs, fiddlers, set: paths, --list, and one-line errors that suggest close matches."""
 
 import json
+import subprocess
+import sys
 
 import fiddle as fdl
 import pytest
@@ -8,7 +10,8 @@ from flax import nnx
 
 import configs
 from configs import cli
-from tests.conftest import run_launcher
+from pmem.core.registry import CHANNEL_MIXERS, SEQUENCE_MIXERS
+from tests.conftest import ROOT, run_launcher
 from pmem.models import Decoder
 
 
@@ -62,6 +65,44 @@ def test_bad_commands_fail_with_one_clear_line(commands, message):
   with pytest.raises(cli.ConfigError) as e:
     cli.build_config(commands)
   assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("registry, bad, message", [
+    (SEQUENCE_MIXERS, "gdnn", "unknown sequence mixer 'gdnn'; did you mean 'gdn'?"),
+    (CHANNEL_MIXERS, "engrm", "unknown channel mixer 'engrm'; did you mean 'engram'?"),
+    (configs.CONFIGS, "tinyy", "unknown config 'tinyy'; did you mean 'tiny'?"),
+    (configs.FIDDLERS, "tide", "unknown fiddler 'tide'; did you mean 'tied'?"),
+])
+def test_every_registry_names_the_kind_and_the_close_matches(registry, bad, message):
+  """One mechanism (pmem.core.registry.Registry) behind every name: the same one-line error."""
+  with pytest.raises(KeyError) as e:
+    registry[bad]
+  assert str(e.value).startswith(message) and "\n" not in str(e.value)
+  with pytest.raises(KeyError, match="did you mean 'gdn'"):  # a mixer named in a fiddler's argument
+    cli.build_config(["config:tiny", "fiddler:mixer(name='gdnn')"])
+
+
+def test_registries_load_what_registers():
+  """A fresh process that imports only the registries finds every built-in mixer and config: registration does
+  not depend on which module happened to be imported first."""
+  code = ("import json; from pmem.core.registry import SEQUENCE_MIXERS, CHANNEL_MIXERS; import configs; "
+          "print(json.dumps([sorted(SEQUENCE_MIXERS), sorted(CHANNEL_MIXERS), sorted(configs.CONFIGS)]))")
+  r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr
+  test_only = {"retnet", "retnet_tiny", "hybrid_periodic"}  # tests/registered.py, registered in this process by conftest
+  assert json.loads(r.stdout) == [sorted(set(r_) - test_only) for r_ in (SEQUENCE_MIXERS, CHANNEL_MIXERS, configs.CONFIGS)]
+
+
+def test_config_txt_names_the_classes_built(tmp_path):
+  """Two configs whose values print alike (gdn_tiny, the test-only retnet_tiny) differ in config.txt's classes."""
+  from experiments.train import write_config
+  texts = {}
+  for name in ("gdn_tiny", "retnet_tiny"):
+    write_config(cli.build_config([f"config:{name}"]), str(tmp_path / name))
+    texts[name] = (tmp_path / name / "config.txt").read_text()
+  assert "# model.sequence_mixer: pmem.layers.deltanet.GatedDeltaNet (Partial)" in texts["gdn_tiny"]
+  assert "# model.sequence_mixer: tests.registered.Retention (Partial)" in texts["retnet_tiny"]
+  assert "# <root>: pmem.train.loop.Experiment" in texts["gdn_tiny"]
 
 
 def test_launcher_list_and_bad_name_leave_workdir_untouched(tmp_path):

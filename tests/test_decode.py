@@ -27,27 +27,20 @@ from pmem.core.variables import name_of
 from pmem.decode import Generator, Sampling, to_host
 from pmem.decode import generate as generate_lib
 from pmem.layers import recurrence
-from pmem.layers.recurrent import ShortConv
-from pmem.models.decoder import Decoder, unroll
+from pmem.layers.conv import ShortConv
+from pmem.models.decoder import Decoder, unstack
+from tests import coverage
 from tests.conftest import ROOT, needs_devices, run_launcher
 from tests.tolerances import assert_close, assert_matches_reference
 
-configs.load_all()
-MEMORY_CONFIGS = ["tiny", "stem_tiny", "engram_tiny", "move_tiny", "lave_tiny", "pkm_tiny", "memory_plus_tiny"]
-SEQUENCE_CONFIGS = ["linear_attn_tiny", "gla_tiny", "mamba2_tiny", "deltanet_tiny", "gdn_tiny", "swa_tiny", "hybrid_tiny",
-                    "hybrid_periodic", "retnet_tiny"]
-# on the mesh, `make test` runs one config per way state is sharded (KV cache, Engram's conv tail and host
-# hashes, LinearRecurrence, Mamba2, ring buffer, periods) scanned, and tiny / the periodic stack unrolled;
-# the rest of the matrix (position-wise memories, mixers sharing gdn's path, hybrid_tiny) in `make test-slow`
-MESH_FAST = {"tiny", "engram_tiny", "mamba2_tiny", "gdn_tiny", "swa_tiny", "hybrid_periodic"}
-MESH_UNROLLED = {"tiny", "hybrid_periodic"}
-MESH_CASES = [pytest.param(n, s, marks=pytest.mark.slow) if n not in (MESH_FAST if s else MESH_UNROLLED) else (n, s)
-              for n in MEMORY_CONFIGS + SEQUENCE_CONFIGS for s in (True, False)]
-# on one device every config runs scanned in `make test`, unrolled where the mesh runs it scanned
-ONE_DEVICE = [pytest.param(n, s, marks=pytest.mark.slow) if not s and n not in MESH_FAST else (n, s)
-              for n in MEMORY_CONFIGS + SEQUENCE_CONFIGS for s in (True, False)]
-# a stack scanned over 2 repetitions of a 3-layer period (decoder.stages): Mamba2, sliding window, attention
-VARIANTS = {"hybrid_periodic": ["config:tiny", "set:model.n_layers=6", "fiddler:hybrid(pattern='GWA', G='mamba2', window=5)"]}
+# every registered config (tests/coverage.py), scanned and unrolled, on one device and on a 2x2x2 mesh; `make test`
+# runs scanned on one device one config per distinct set of module classes, unrolled on one device and scanned on
+# the mesh one per distinct set of decode-state implementations, unrolled on the mesh the first config and each
+# layered stack (hybrids, periods); `make test-slow` the rest
+SCANNED_FAST, STATE_FAST = coverage.first_per(coverage.classes), coverage.first_per(coverage.state_kinds)
+LAYOUT_FAST = {min(STATE_FAST, key=len)} | {n for n in STATE_FAST if coverage.layered(n)}
+ONE_DEVICE = coverage.cases(SCANNED_FAST, None, True) + coverage.cases(STATE_FAST, None, False)
+MESH_CASES = coverage.cases(STATE_FAST, None, True) + coverage.cases(LAYOUT_FAST, None, False)
 B, T, P, MAX_LEN = 4, 16, 7, 20  # rows, tokens, prompt, cache
 
 
@@ -55,7 +48,7 @@ def model_of(name: str, scan: bool = True, window: int | None = None, kernel_imp
              scan_unroll: int = 1, dtype: str = "float32", perturb: bool = True) -> Decoder:
   """The config's model with every parameter perturbed (zero-initialised routers, gates and convs
   would hide their decode paths)."""
-  cfg = cli.build_config(VARIANTS.get(name, [f"config:{name}"]))
+  cfg = cli.build_config([f"config:{name}"])
   cfg.model.scan_layers = scan
   cfg.model.kernel_impl, cfg.model.scan_unroll, cfg.model.dtype = kernel_impl, scan_unroll, dtype
   if window is not None:
@@ -151,6 +144,14 @@ def check_decode(name: str, scan: bool = True, mesh=None, data=None, window: int
   return full, inc, cache
 
 
+def test_every_registered_config_is_a_decode_case():
+  """The cases come from the registry (tests/coverage.py), none is listed here: every registered config, scanned
+  and unrolled, on one device and on the mesh, in `make test` or `make test-slow`."""
+  want = {(n, s) for n in configs.CONFIGS for s in (True, False)}
+  for cases in (ONE_DEVICE, MESH_CASES):
+    assert {tuple(getattr(c, "values", c)) for c in cases} == want
+
+
 @pytest.mark.parametrize("name, scan", ONE_DEVICE, ids=lambda x: {True: "scanned", False: "unrolled"}.get(x, x))
 def test_prefill_then_decode_equals_full_forward(name, scan):
   check_decode(name, scan)
@@ -166,7 +167,9 @@ def test_prefill_then_decode_equals_full_forward_on_a_mesh(name, scan):
   for path, x in jax.tree_util.tree_flatten_with_path(cache)[0]:
     if path[-1] in {jax.tree_util.DictKey(n) for n in want} and jax.tree_util.DictKey("conv") not in path:
       spec = (*x.sharding.spec, *[None] * (x.ndim - len(x.sharding.spec)))
-      assert spec[-4:] == want[path[-1].key], (path, spec)
+      heads = x.shape[x.ndim - 4 + want[path[-1].key].index("tensor")]  # a head count tensor (2) cannot split stays whole
+      expect = tuple(a if a != "tensor" or heads % 2 == 0 else None for a in want[path[-1].key])
+      assert spec[-4:] == expect, (path, spec)
 
 
 @pytest.mark.parametrize("name", ["gdn_tiny", "mamba2_tiny", "hybrid_periodic"])
@@ -356,7 +359,7 @@ def test_device_loop_equals_one_call_per_token(monkeypatch):
 def test_unroll_keeps_every_value(name):
   """The decoding copy of a scanned model: each stacked layer's slice, the same logits."""
   model = model_of(name)
-  flat, (unrolled, sources) = dict(nnx.to_flat_state(nnx.state(model))), unroll(model)
+  flat, (unrolled, sources) = dict(nnx.to_flat_state(nnx.state(model))), unstack(model)
   assert not any(s.scan for s in unrolled.stages) and any(j is not None for _, j in sources.values())
   by_name = {name_of(p): v.get_value() for p, v in flat.items()}
   for p, v in nnx.to_flat_state(nnx.state(unrolled)):
@@ -408,7 +411,7 @@ def test_load_gives_the_checkpointed_model(workdirs):
   loaded = pmem.load(wd)
   assert loaded.step == 2 and loaded.tokenizer.vocab_size == 256 and not loaded.host_tables
   trainer = Trainer(loaded.config, wd)
-  for a, b in zip(jax.tree.leaves(nnx.state(loaded.model, nnx.Param)), jax.tree.leaves(trainer.state["params"])):
+  for a, b in zip(jax.tree.leaves(nnx.state(loaded.model, nnx.Param)), jax.tree.leaves(trainer.train_state["params"])):
     np.testing.assert_array_equal(a, b)
 
 

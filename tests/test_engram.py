@@ -394,7 +394,7 @@ def engram_trainer(*sets, workdir=None) -> Trainer:
 
 
 def engram_table(t: Trainer) -> np.ndarray:
-  (v,) = [v for p, v in nnx.to_flat_state(t.state["params"]) if isinstance(v, MemoryTable)]
+  (v,) = [v for p, v in nnx.to_flat_state(t.train_state["params"]) if isinstance(v, MemoryTable)]
   return np.asarray(v.get_value())
 
 

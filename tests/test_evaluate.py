@@ -34,7 +34,7 @@ def test_answer_scores_match_an_independent_forward_pass(bios):
   t = bios
   items = t.data.tasks["bios"].eval_items("heldout", 3)
   scores = t.evaluator.answers(items)
-  model = nnx.merge(t.graphdef, t.state["params"], t.state["rest"])
+  model = nnx.merge(t.graphdef, t.train_state["params"], t.train_state["rest"])
   tok = t.data.tokenizer
   for it, sc in zip(items, scores):
     ids = tok.encode_batch([it.context + it.answer])[0]  # joint encoding: the probe split must agree
@@ -81,7 +81,7 @@ def test_bios_run_reports_accuracy_and_knowledge_bits(tmp_path):
   t = trainer("bios_small", "set:data.bios.n_people=12", "set:data.tokenizer.vocab_size=320", "set:model.vocab=320",
               "set:train.steps=4", "set:eval.every=2", "set:eval.generate=True", "set:eval.bios_people=3")
   s = t.run()["eval"]
-  assert t._generator[0] is t.state["params"]  # the generator was given the final parameters
+  assert t._generator[0] is t.train_state["params"]  # the generator was given the final parameters
   from pmem.data.tasks.bios import ATTRIBUTES
   # by hand from the final model's answer scores (the test above checks those against a forward pass),
   # the items in the evaluator's order: the same batches, so the same scores bit for bit

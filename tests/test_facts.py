@@ -17,6 +17,7 @@ from pmem.core.mixer import TokenContext
 from pmem.core.variables import MemoryTable
 from pmem.models import Decoder, LayerOverride
 from pmem.models.decoder import facts
+from tests import coverage
 from tests.conftest import run_launcher
 
 # fiddler -> the commands after config:tiny that exercise it (the ones it needs first included)
@@ -69,15 +70,29 @@ def test_a_size_change_after_a_fiddler_equals_one_before_it(case, change):
   after, after_shapes, after_cost = shapes([*CASES[case], change])
   _, before_shapes, before_cost = shapes([change, *CASES[case]])
   assert after_shapes == before_shapes and after_cost == before_cost
-  cfg = after.cfg
-  for _, m in nnx.iter_graph(after):  # every module sees the model's facts
+  assert_modules_hold_the_facts(after)
+
+
+def assert_modules_hold_the_facts(model: Decoder) -> None:
+  cfg = model.cfg
+  for _, m in nnx.iter_graph(model):  # every module sees the model's facts
     if isinstance(m, nnx.Module):
       for fact in ("vocab", "d_model"):
         if hasattr(m, fact) and not isinstance(m, Decoder):
           assert getattr(m, fact) == getattr(cfg, fact), (type(m).__name__, fact)
-  for path, v in nnx.to_flat_state(nnx.state(after, MemoryTable)):
+  for path, v in nnx.to_flat_state(nnx.state(model, MemoryTable)):
     if v.get_metadata().get("index") == "inputs":  # token-indexed: one row per vocabulary id
       assert v.get_value().shape[-2] == cfg.vocab, path
+
+
+@pytest.mark.parametrize("name", coverage.cases(coverage.first_per(coverage.classes)))
+def test_every_registered_config_takes_a_size_change(name):
+  """Every registered config (tests/coverage.py: `make test` one per distinct set of module classes), then every
+  size change: each module holds the new facts (no factory copied them when the config was written)."""
+  cfg = cli.build_config([f"config:{name}", *CHANGES])
+  model = nnx.eval_shape(lambda: Decoder(fdl.build(cfg.model), rngs=nnx.Rngs(0)))
+  assert (model.cfg.vocab, model.cfg.n_layers, model.cfg.d_model) == (512, 6, 96)
+  assert_modules_hold_the_facts(model)
 
 
 def test_stale_stem_vocab_now_builds_512_rows():

@@ -123,7 +123,8 @@ def test_cli_fine_tunes_resumes_generates_and_exports(oracle, tmp_path):
   imported = pmem.load(wd)
   # step 0 of a fine-tune is the imported model, bit for bit
   trainer = Trainer(imported.config)
-  for a, b in zip(jax.tree.leaves(nnx.state(imported.model, nnx.Param)), jax.tree.leaves(trainer.state["params"])):
+  params = trainer.train_state["params"]
+  for a, b in zip(jax.tree.leaves(nnx.state(imported.model, nnx.Param)), jax.tree.leaves(params)):
     np.testing.assert_array_equal(a, b)
   # the workdir's config.json is the base config; the imported tokenizer is the data's
   r = run_launcher("--workdir", wd, *[a for s in ("set:train.steps=2", *TRAIN) for a in ("--config", s)])

@@ -15,7 +15,7 @@ from pmem.layers.attention import Attention
 from pmem.layers.mlp import SwiGLU
 from pmem.core.mixer import TokenContext
 from pmem.models import Decoder, DecoderConfig, LayerOverride
-from pmem.models.decoder import layers
+from pmem.models.decoder import blocks
 from pmem.train import optim
 from tests.tolerances import assert_close
 
@@ -70,7 +70,7 @@ def test_packed_documents_do_not_attend_across():
 def test_scan_equals_loop_and_remat_equals_none():
   scanned = Decoder(config(), rngs=nnx.Rngs(2))
   looped = Decoder(config(scan_layers=False), rngs=nnx.Rngs(5))
-  for dst, src in zip(layers(looped), layers(scanned)):
+  for dst, src in zip(blocks(looped), blocks(scanned)):
     nnx.update(dst, nnx.state(src))
   nnx.update(looped.embed, nnx.state(scanned.embed))
   nnx.update(looped.norm_out, nnx.state(scanned.norm_out))
@@ -100,7 +100,7 @@ def test_overrides_split_stages_and_cost_counts_params():
   m = Decoder(config(overrides=(LayerOverride(layers=(1, 3), channel_mixer=half),), tie_embeddings=True),
               rngs=nnx.Rngs(0))
   assert [(s.period, s.n) for s in m.stages] == [(2, 2)]  # one stage scanning 2 periods of (48, 16)
-  assert [b.ch.d_ff for b in layers(m)] == [48, 16, 48, 16]
+  assert [b.ch.d_ff for b in blocks(m)] == [48, 16, 48, 16]
   n = sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
   c = m.cost(seq_len=10)
   assert c.params == n

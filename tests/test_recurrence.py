@@ -12,18 +12,24 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import configs
 from configs import cli
 from pmem.core.mixer import TokenContext
+from pmem.core import mixer as mixer_lib
 from pmem.core.registry import SEQUENCE_MIXERS
 from pmem.layers import recurrence
+from pmem.layers.attention import Attention
 from pmem.models import Decoder
 from pmem.train.loop import Trainer
+from tests import coverage
 from tests.conftest import LOSS_TOL, needs_devices, read_losses
 from tests.tolerances import assert_close
 
-configs.load_all()
-NEW_CONFIGS = ["linear_attn_tiny", "gla_tiny", "mamba2_tiny", "deltanet_tiny", "gdn_tiny", "swa_tiny", "hybrid_tiny"]
+# from the registries (tests/coverage.py): the sequence mixers with a recurrent state, the configs built only of them
+RECURRENT = sorted(n for n, c in SEQUENCE_MIXERS.items() if callable(getattr(c, "init_state", None))
+                   and not issubclass(c, Attention))
+RECURRENT_CONFIGS = [n for n in coverage.registered() if coverage.state_kinds(n)
+                     and not any(isinstance(k, type) and issubclass(k, Attention) for k in coverage.state_kinds(n))]
+STATEFUL_CONFIGS = [n for n in coverage.registered() if coverage.state_kinds(n) - {Attention}]  # more than a KV cache
 KINDS = ["gated_head", "gated_key", "delta", "gated_delta"]
 B, T, H, K, V = 2, 37, 3, 8, 5
 
@@ -114,15 +120,18 @@ def test_chunked_gradient_keeps_no_state_per_chunk():
   assert saved[False] >= saved[True] + per_chunk_states, saved
 
 
-MIXERS = {"linear_attn": {"n_heads": 2}, "gla": {"n_heads": 2}, "deltanet": {"n_heads": 2}, "gdn": {"n_heads": 2},
-          "mamba2": {"head_dim": 8}}
+def mixer(name: str, d: int):
+  """The registered mixer ``name`` at width ``d``: 2 heads where it takes ``n_heads`` (Mamba2: heads of 8), chunk 4."""
+  cls = SEQUENCE_MIXERS[name]
+  kw = {"n_heads": 2} if mixer_lib.takes(cls, "n_heads") else {"head_dim": 8}
+  return cls(d, **kw, chunk=4, rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("name", list(MIXERS))
+@pytest.mark.parametrize("name", RECURRENT)
 def test_mixer_prefill_then_decode_equals_whole_documents(name):
   """Left padding in row 1, two packed documents in row 0; chunk 4 over a prompt of 7."""
   d, t, p = 32, 21, 7
-  m = SEQUENCE_MIXERS[name](d, **MIXERS[name], chunk=4, rngs=nnx.Rngs(0))
+  m = mixer(name, d)
   leaves, tree = jax.tree.flatten(nnx.state(m, nnx.Param))  # random gates and convs, not their inits
   keys = jax.random.split(jax.random.key(1), len(leaves))
   nnx.update(m, jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(kk, x.shape) for x, kk in zip(leaves, keys)]))
@@ -147,7 +156,7 @@ def test_mixer_prefill_then_decode_equals_whole_documents(name):
 @pytest.mark.parametrize("name", ["gdn", "mamba2"])
 def test_trailing_padding_keeps_the_state(name):
   """Padding (segment 0, position 0) after a document leaves the recurrent state as it was."""
-  m = SEQUENCE_MIXERS[name](32, **MIXERS[name], chunk=4, rngs=nnx.Rngs(0))
+  m = mixer(name, 32)
   x, n = jax.random.normal(jax.random.key(3), (1, 13, 32)), 9
   pos, seg = np.where(np.arange(13) < n, np.arange(13), 0)[None], (np.arange(13) < n).astype(np.int32)[None]
   _, padded = m(x, TokenContext(None, jnp.asarray(pos), jnp.asarray(seg), {}), m.init_state(1, 64))
@@ -157,7 +166,7 @@ def test_trailing_padding_keeps_the_state(name):
 
 
 def test_decode_state_does_not_grow_with_max_len():
-  for name in NEW_CONFIGS[:5]:
+  for name in RECURRENT_CONFIGS:
     model = Decoder(fdl.build(cli.build_config([f"config:{name}"]).model), rngs=nnx.Rngs(0))
     assert model.state_bytes(64) == model.state_bytes(4096), name
   attn = Decoder(fdl.build(cli.build_config(["config:tiny"]).model), rngs=nnx.Rngs(0))
@@ -182,9 +191,9 @@ def test_hybrid_pattern_repeats_over_the_stack():
     cli.build_config(["config:tiny", "fiddler:hybrid(pattern='GX')"])
 
 
-@needs_devices(8)  # `make test` trains mamba2_tiny (2 x ~60 s of 8-device compiles); every config: `make test-slow`
-@pytest.mark.parametrize("name", [n if n == "mamba2_tiny" else pytest.param(n, marks=pytest.mark.slow) for n in NEW_CONFIGS])
-def test_new_configs_train_on_a_mesh_as_on_one_device(tmp_path, name):
+@needs_devices(8)  # `make test` trains the first registered config (2 x ~60 s of 8-device compiles); the rest: `make test-slow`
+@pytest.mark.parametrize("name", coverage.cases(coverage.first_per(lambda n: 0, RECURRENT_CONFIGS), STATEFUL_CONFIGS))
+def test_stateful_configs_train_on_a_mesh_as_on_one_device(tmp_path, name):
   def losses(*mesh):
     cfg = cli.build_config([f"config:{name}", "set:train.steps=4", "set:train.progress=False",
                             "set:eval.valid_batches=0"] + [f"set:mesh.{a}={n}" for a, n in zip(("data", "fsdp", "tensor"), mesh)])

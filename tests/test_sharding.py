@@ -49,12 +49,12 @@ def test_mesh_losses_equal_one_device(tmp_path, one_device, mesh):
 def test_params_are_sharded_by_the_rules(tmp_path):
   cfg = cli.build_config(["config:tiny", "set:mesh.data=2", "set:mesh.fsdp=2", "set:mesh.tensor=2"])
   t = Trainer(fdl.build(cfg), None)
-  stage = t.state["params"]["stages"][0]["blocks"]
+  stage = t.train_state["params"]["stages"][0]["blocks"]
   wq = stage["seq"]["wq"][...]  # [layers, embed, heads, head_dim]
   assert wq.sharding.spec == P(None, "fsdp", "tensor", None)
   shard = wq.addressable_shards[0].data.shape
   assert shard == (wq.shape[0], wq.shape[1] // 2, wq.shape[2] // 2, wq.shape[3])
-  mu = jax.tree.leaves(t.state["opt"])  # Adam moments follow the parameter shardings
+  mu = jax.tree.leaves(t.train_state["opt"])  # Adam moments follow the parameter shardings
   assert any(getattr(m, "sharding", None) == wq.sharding and m.shape == wq.shape for m in mu)
 
 

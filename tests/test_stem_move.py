@@ -351,7 +351,7 @@ def test_tiny_config_trains(name):
   cfg = cli.build_config([f"config:{name}", "set:train.steps=3", "set:train.progress=False",
                           "set:eval.valid_batches=0", "set:train.batch_size=4", "set:train.seq_len=32"])
   t = Trainer(fdl.build(cfg))
-  flat = nnx.to_flat_state(t.state["params"])
+  flat = nnx.to_flat_state(t.train_state["params"])
   assert any(isinstance(v, MemoryTable) for _, v in flat)  # routed to the table optimizer by type
   gates = [v for path, v in flat if "seq" in path and path[-1] in ("w_router", "w_gate")]
   # MoVE: one stacked stage; LaVE on alternate layers: one stage scanning 2 periods of (plain, LaVE)

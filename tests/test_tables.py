@@ -74,7 +74,7 @@ BOTH = (LayerOverride(layers=(0, 1), augment=(TokenTable, TopKTable)),)  # stack
 
 
 def table_params(t: Trainer) -> dict[str, np.ndarray]:
-  return {sparse.name_of(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(t.state["params"])}
+  return {sparse.name_of(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(t.train_state["params"])}
 
 
 # ------------------------------------------------------------------------ optimizer equivalence
@@ -367,7 +367,7 @@ def test_tables_train_row_sparse_and_from_the_host_in_the_trainer(row_sparse_run
     changed = np.any(after[name] != before[name], axis=-1)
     assert 0 < changed.sum() < changed.size, name  # some rows move, untouched ones do not
   # the host run keeps the token table on the host: the budget fits only the top-k table
-  budget = host_tables.state_bytes(rs.tx, rs.state["params"]["stages"][0]["blocks"]["aug"][1]["values"])
+  budget = host_tables.state_bytes(rs.tx, rs.train_state["params"]["stages"][0]["blocks"]["aug"][1]["values"])
   host = trainer(*TRAINER_SETS, f"set:train.optim.tables.device_budget_bytes={budget}", overrides=BOTH)
   assert set(host.host.tables) == {TOKEN} and host.params_total == rs.params_total
   host.run()
@@ -548,7 +548,7 @@ def resume_equals_uninterrupted(tmp_path, *sets, overrides):
 @pytest.mark.parametrize("mesh", ["set:mesh.fsdp=1", pytest.param("set:mesh.fsdp=8", marks=needs_devices(8))])
 def test_row_sparse_resume_is_bitwise(tmp_path, mesh):
   r = resume_equals_uninterrupted(tmp_path, mesh, "set:train.optim.tables.update='row_sparse'", overrides=BOTH)
-  table = r.state["params"]["stages"][0]["blocks"]["aug"][0]["table"][...]
+  table = r.train_state["params"]["stages"][0]["blocks"]["aug"][0]["table"][...]
   fsdp = r.exp.mesh.fsdp
   assert {s.data.shape for s in table.addressable_shards} == {(2, 256 // fsdp, 32)}
 

@@ -1,7 +1,8 @@
-"""Optimizer routing by variable type, separate clipping, and the NaN guard."""
+"""Optimizer routing by variable type, separate clipping, the NaN guard, and the trainer's stages."""
 
 import dataclasses
 import functools
+import json
 
 import fiddle as fdl
 import jax
@@ -42,7 +43,7 @@ def trainer(*sets, steps=3) -> Trainer:
 
 
 def table_and_dense(t: Trainer):
-  p = t.state["params"]
+  p = t.train_state["params"]
   return np.asarray(p["stages"][1]["blocks"][0]["aug"][0]["table"][...]), np.asarray(p["head"][...])
 
 
@@ -93,16 +94,16 @@ def _flat(tree) -> dict[str, np.ndarray]:
 def test_frozen_parameters_stay_bit_identical_and_have_no_optimizer_state():
   trained = ("*/seq/*", "*/aug/*/table")  # fnmatch: * crosses /
   t = trainer(f"set:train.trainable={trained!r}")
-  before = _flat(t.state["params"])
+  before = _flat(t.train_state["params"])
   t.run()
-  after = _flat(t.state["params"])
+  after = _flat(t.train_state["params"])
   moves = {n for n in before if not np.array_equal(before[n], after[n])}
   assert moves and all("/seq/" in n or "/aug/" in n for n in moves)
   frozen = [n for n in before if "/seq/" not in n and "/aug/" not in n]
   assert frozen and all(np.array_equal(before[n], after[n]) for n in frozen)  # bit for bit
   n_trained = sum(v.size for n, v in before.items() if n not in frozen)
   assert t.summary_header()["params_trainable"] == n_trained < t.params_total
-  moments = sum(x.size for x in jax.tree.leaves(t.state["opt"]) if x.ndim)  # Adam's mu and nu
+  moments = sum(x.size for x in jax.tree.leaves(t.train_state["opt"]) if x.ndim)  # Adam's mu and nu
   assert moments == 2 * n_trained
 
 
@@ -113,7 +114,7 @@ def test_frozen_parameters_get_no_gradient():
     t = trainer(*sets)
     batch = t.to_device(next(t.it), t.rows)
     with jax.set_mesh(t.mesh):
-      flops[name] = t.step_fn.lower(t.state, batch).compile().cost_analysis()["flops"]
+      flops[name] = t.step_fn.lower(t.train_state, batch).compile().cost_analysis()["flops"]
   assert flops["head"] < 0.8 * flops["all"], flops
 
 
@@ -122,3 +123,22 @@ def test_frozen_parameters_get_no_gradient():
 def test_bad_trainable_patterns_fail_clearly(patterns, message):
   with pytest.raises(ValueError, match=message):
     trainer(f"set:train.trainable={patterns!r}")
+
+
+def test_the_stages_one_by_one_train_bitwise_as_run(tmp_path):
+  """build -> restore -> loop -> report, as a notebook calls them: the losses and train state of Trainer(...).run()."""
+  exp = fdl.build(cli.build_config(["config:tiny", "set:train.steps=3", "set:train.progress=False",
+                                    "set:eval.valid_batches=0"]))
+  run = Trainer(exp, str(tmp_path / "run"))
+  summary = run.run()
+  staged = Trainer.build(exp, str(tmp_path / "staged"))
+  staged.restore()
+  outcome = staged.loop()
+  timings = {k: outcome[k] for k in ("tokens_per_s", "data_seconds")}
+  assert staged.report(outcome) == {**summary, **timings}
+  rows = [map(json.loads, (tmp_path / w / "metrics.jsonl").read_text().splitlines()) for w in ("run", "staged")]
+  losses = [[r["loss"] for r in rs if "loss" in r] for rs in rows]
+  assert len(losses[0]) == 3 and losses[0] == losses[1]  # bit for bit
+  assert json.loads((tmp_path / "staged" / "summary.json").read_text())["final_loss"] == losses[1][-1]
+  pairs = zip(jax.tree.leaves(run.train_state), jax.tree.leaves(staged.train_state), strict=True)
+  assert all(np.array_equal(a, b) for a, b in pairs)

@@ -135,11 +135,11 @@ def tables(a) -> tuple[list[dict], bool]:
   for log2 in a.table_log2:
     size = (1 << log2) // ENGRAM_TABLES
     model = model_of(["config:tiny", f"fiddler:engram(layers=(1,), heads={ENGRAM_HEADS}, table_size={size})"])
-    graphdef, state = nnx.split(model)
-    state, host = to_host(state)
+    graphdef, params = nnx.split(model)
+    params, host = to_host(params)
     rows = sum(t.shape[-2] for t in host.values())
     gens[rows, "device"] = Generator(model, tok, max_len=a.prompt_len + a.new_tokens)
-    gens[rows, "host"] = Generator(nnx.merge(graphdef, state), tok, max_len=a.prompt_len + a.new_tokens,
+    gens[rows, "host"] = Generator(nnx.merge(graphdef, params), tok, max_len=a.prompt_len + a.new_tokens,
                                    host_tables=host)
   runs, toks = {k: [] for k in gens}, {}
   for k, g in gens.items():

@@ -179,8 +179,8 @@ def train_step(s: dict, peak: tuple[float | None, str | None], cmds: list[str]) 
   with jax.set_mesh(trainer.mesh):
     for _ in range(WARMUP + s["steps"]):
       t0 = time.perf_counter()
-      trainer.state, m = trainer.step_fn(trainer.state, batch)
-      jax.block_until_ready((trainer.state, m))
+      trainer.train_state, m = trainer.step_fn(trainer.train_state, batch)
+      jax.block_until_ready((trainer.train_state, m))
       times.append(time.perf_counter() - t0)
   step_s, flops, loss = statistics.median(times[WARMUP:]), accounting.train_flops(trainer.cost), float(m["loss"])
   tps = b * t / step_s

@@ -32,11 +32,11 @@ def floor(cmds: list[str], steps: int) -> float:
   """Seconds per step of the compiled step alone: ``steps`` calls dispatched back to back, one wait."""
   t = Trainer(fdl.build(cli.build_config([*cmds, *QUIET])))
   batch = t.to_device(next(t.it), t.rows)
-  state = jax.block_until_ready(t.step_fn(t.state, batch)[0])  # compiled and warm
+  train_state = jax.block_until_ready(t.step_fn(t.train_state, batch)[0])  # compiled and warm
   t0 = time.perf_counter()
   for _ in range(steps):
-    state = t.step_fn(state, batch)[0]
-  jax.block_until_ready(state)
+    train_state = t.step_fn(train_state, batch)[0]
+  jax.block_until_ready(train_state)
   return (time.perf_counter() - t0) / steps
 
 

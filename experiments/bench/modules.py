@@ -56,8 +56,8 @@ class Runner:
     t = self.trainer
     with jax.set_mesh(t.mesh):
       t0 = time.perf_counter()
-      t.state, metrics = t.step_fn(t.state, self.batches[self.i % len(self.batches)])
-      jax.block_until_ready((t.state, metrics))
+      t.train_state, metrics = t.step_fn(t.train_state, self.batches[self.i % len(self.batches)])
+      jax.block_until_ready((t.train_state, metrics))
     self.i += 1
     if record:
       self.times.append(time.perf_counter() - t0)

@@ -73,7 +73,7 @@ def main() -> None:
     dev_batch = {k: jax.device_put(v, trainer.batch_sharding) for k, v in batch.items()}
     def step() -> float:
       t0 = time.perf_counter()
-      trainer.state, m = trainer.step_fn(trainer.state, dev_batch)
+      trainer.train_state, m = trainer.step_fn(trainer.train_state, dev_batch)
       jax.block_until_ready(m)
       return time.perf_counter() - t0
     return step

@@ -9,9 +9,11 @@ positions start at 0 at its first real token, so a row's logits do not depend on
 The cache holds ``max_len`` tokens per row (``P + max_new_tokens <= max_len``, checked before
 anything runs); a model with a sliding window keeps a ring of ``window`` slots instead.
 
-**Decoding model.** The generator decodes with :func:`pmem.models.decoder.unroll`'s copy of the
+**Decoding model.** The generator decodes with :func:`pmem.models.decoder.unstack`'s copy of the
 model (scanned layers as separate blocks, sliced once per :meth:`Generator.set_model`): the same
-function, without a layer scan slicing every layer's weights and cache at each token.
+function, without a layer scan slicing every layer's weights and cache at each token. Its variables
+(``nnx.state`` of that copy: parameters and tables) are the generator's ``params``; ``state`` is a
+mixer's decode state, ``cache`` the decoder's pytree of them.
 
 **The decode loop.** Decode calls have fixed shapes (``[B, 1]`` tokens) and are compiled once per
 ``(B, P, max_len)`` before the clock starts; the cache is donated on accelerators only (on XLA:CPU
@@ -53,7 +55,7 @@ from pmem.core.mixer import TokenContext
 from pmem.decode.sample import Sampling, sample
 from pmem.layers.embed import trusted_ids
 from pmem.memory import lookup
-from pmem.models.decoder import unroll
+from pmem.models.decoder import unstack
 
 
 PAD_TO = 16  # prompts are left-padded to a multiple of this (where max_len allows): one prefill per bucket
@@ -71,14 +73,14 @@ class Generation:
   decode_steps: int
 
 
-def to_host(state: nnx.State, select=lambda name, v: v.get_metadata().get("index") is not None
+def to_host(params: nnx.State, select=lambda name, v: v.get_metadata().get("index") is not None
             ) -> tuple[nnx.State, dict[str, np.ndarray]]:
-  """``(state, tables)``: the token-indexed tables ``select`` picks moved to host NumPy arrays,
-  each leaving a one-row placeholder ``[..., 1, D]`` in ``state`` (as host-resident training)."""
-  tables = variables.tables_of(state, select)
+  """``(params, tables)``: the token-indexed tables ``select`` picks moved to host NumPy arrays,
+  each leaving a one-row placeholder ``[..., 1, D]`` in ``params`` (as host-resident training)."""
+  tables = variables.tables_of(params, select)
   arrays = {n: np.asarray(jax.device_get(v.get_value())) for n, (_, v) in tables.items()}
   holders = {n: jnp.zeros((*a.shape[:-2], 1, a.shape[-1]), a.dtype) for n, a in arrays.items()}
-  return nnx.merge_state(state, variables.with_values(tables, holders)), arrays
+  return nnx.merge_state(params, variables.with_values(tables, holders)), arrays
 
 
 class Generator:
@@ -108,7 +110,7 @@ class Generator:
       raise ValueError("device_loop=True needs a model without host features (Engram) or host tables: "
                        "the host computes their inputs per token")
     self.device_loop = not per_token if device_loop is None else device_loop
-    decoding, sources = unroll(model)
+    decoding, sources = unstack(model)
     self.graphdef = nnx.graphdef(decoding)
     # the decoding model's host tables: (the host table, its layer if stacked)
     self.taps = {name: src for name, src in sources.items() if src[0] in self.host}
@@ -120,32 +122,32 @@ class Generator:
     construction: the compiled steps are kept; host-table contents are read at every step)."""
     if nnx.graphdef(model) != self.source:
       raise ValueError("set_model needs a model of the structure this Generator was built for")
-    self._set(unroll(model)[0])
+    self._set(unstack(model)[0])
 
   def _set(self, decoding: nnx.Module) -> None:
-    state = nnx.state(decoding)
+    params = nnx.state(decoding)
     if self.mesh is not None:  # rows need not divide the mesh: jit places uneven shards
-      state = jax.jit(lambda s: s, out_shardings=rules.param_shardings(self.mesh, state))(state)
-    self.state = state
+      params = jax.jit(lambda p: p, out_shardings=rules.param_shardings(self.mesh, params))(params)
+    self.params = params
 
   # ------------------------------------------------------------------------------- device
 
-  def _step(self, sampling: Sampling, state, staged, ids, pos, seg, feats, cache, key, n):
+  def _step(self, sampling: Sampling, params, staged, ids, pos, seg, feats, cache, key, n):
     """Logits of the last column → (token, logprob, cache); draws with ``fold_in(key, n)``."""
     if staged:
-      tables = variables.tables_of(state, lambda name, v: name in self.taps)
+      tables = variables.tables_of(params, lambda name, v: name in self.taps)
       taps = {}
       for name, (host, j) in self.taps.items():
         r = staged[host] if j is None else jax.tree.map(lambda a: a[j], staged[host])
         taps[name] = lookup.Tap(r["rows"], r["slots"], (), name, self.host[host].shape[-2], r["rows"].ndim - 2)
-      state = nnx.merge_state(state, variables.with_values(tables, taps))
-    model = nnx.merge(self.graphdef, state)
+      params = nnx.merge_state(params, variables.with_values(tables, taps))
+    model = nnx.merge(self.graphdef, params)
     with trusted_ids(), lookup.reads(record=True):  # ids checked on the host; staged reads, no probes
       logits, cache = model(ids, TokenContext(ids, pos, seg, feats), cache=cache)
     tok, lp = sample(logits[:, -1], jax.random.fold_in(key, n), sampling)
     return tok, lp, cache
 
-  def _run(self, sampling: Sampling, state, tok, pos, done, cache, key, n, count, eos):
+  def _run(self, sampling: Sampling, params, tok, pos, done, cache, key, n, count, eos):
     """Up to ``count <= DEVICE_STEPS`` decode steps on the device, each fed the token the one before
     sampled (``tok``, at positions ``pos``: ``[B, 1]``, token ``n`` first), stopping once every row
     is ``done`` (has sampled ``eos``; -1: none) → (tokens, logprobs ``[B, DEVICE_STEPS]``, steps run,
@@ -154,7 +156,7 @@ class Generator:
 
     def body(c):
       i, tok, done, cache, toks, lps = c
-      t, lp, cache = self._step(sampling, state, {}, tok, pos + i, seg, {}, cache, key, n + i)
+      t, lp, cache = self._step(sampling, params, {}, tok, pos + i, seg, {}, cache, key, n + i)
       return i + 1, t[:, None], done | (t[:, None] == eos), cache, toks.at[:, i].set(t), lps.at[:, i].set(lp)
 
     b = tok.shape[0]
@@ -171,7 +173,7 @@ class Generator:
     key = (kind, sampling, tree, tuple((a.shape, a.dtype) if hasattr(a, "dtype") else a for a in leaves))
     if key not in self._compiled:
       if kind == "init":
-        fn = jax.jit(lambda: nnx.merge(self.graphdef, self.state).init_cache(*args))
+        fn = jax.jit(lambda: nnx.merge(self.graphdef, self.params).init_cache(*args))
         self._compiled[key] = fn.lower().compile()
       else:
         # the cache is donated on accelerators; on XLA:CPU donation made the demo's step 3x slower
@@ -179,7 +181,7 @@ class Generator:
         f, cache = (self._step, 6) if kind == "step" else (self._run, 4)
         donate = (cache,) if jax.default_backend() != "cpu" else ()
         fn = jax.jit(functools.partial(f, sampling), donate_argnums=donate)
-        self._compiled[key] = fn.lower(self.state, *args).compile()
+        self._compiled[key] = fn.lower(self.params, *args).compile()
     return self._compiled[key]
 
   def _put(self, tree):
@@ -247,7 +249,7 @@ class Generator:
         one = lambda a: np.concatenate([a, a[:, -1:]], 1)  # noqa: E731 (shapes of a decode step's inputs)
         decode = self._fn("step", sampling, (*self._inputs(one(ids), one(pos), one(seg), 1), cache, root, np.int32(0)))
       t0 = time.perf_counter()
-      tok, lp, cache = prefill(self.state, *args, cache, root, np.int32(0))
+      tok, lp, cache = prefill(self.params, *args, cache, root, np.int32(0))
       tok, lp = np.asarray(tok), np.asarray(lp)
       prefill_s = time.perf_counter() - t0
       done = tok == eos
@@ -274,7 +276,7 @@ class Generator:
       pos = np.concatenate([pos, (lengths + n - 1)[:, None]], 1)
       seg = np.concatenate([seg, np.ones((b, 1), np.int32)], 1)
       args = self._inputs(ids, pos, seg, 1)
-      tok, lp, cache = step(self.state, *args, cache, root, np.int32(n))
+      tok, lp, cache = step(self.params, *args, cache, root, np.int32(n))
       tok, lp = np.asarray(tok), np.asarray(lp)
       out_t.append(tok)
       out_lp.append(lp)
@@ -286,8 +288,9 @@ class Generator:
     (:meth:`_run`), the host reading them between calls."""
     out_t, out_lp, n = [tok[:, None]], [lp[:, None]], 1
     while n < max_new_tokens and not done.all():
-      toks, lps, k, done, cache = run(self.state, *self._put((tok[:, None], (lengths + n - 1)[:, None], done[:, None])),
-                                      cache, root, np.int32(n), np.int32(min(max_new_tokens - n, DEVICE_STEPS)), eos)
+      inputs = self._put((tok[:, None], (lengths + n - 1)[:, None], done[:, None]))
+      toks, lps, k, done, cache = run(self.params, *inputs, cache, root, np.int32(n),
+                                      np.int32(min(max_new_tokens - n, DEVICE_STEPS)), eos)
       k, done = int(k), np.asarray(done)[:, 0]
       out_t.append(np.asarray(toks)[:, :k])
       out_lp.append(np.asarray(lps)[:, :k])

@@ -1,5 +1,5 @@
 """DeltaNet (Yang et al. 2024) and Gated DeltaNet (Yang, Kautz, Hatamizadeh 2025) as
-:class:`pmem.layers.recurrent.LinearRecurrence` mixers: ``S_t = g_t (I − β_t k_t k_tᵀ) S_{t−1} +
+:class:`pmem.layers.linear_recurrence.LinearRecurrence` mixers: ``S_t = g_t (I − β_t k_t k_tᵀ) S_{t−1} +
 β_t k_t v_tᵀ`` with L2-normalised ``q, k`` after a short conv + SiLU, ``β = σ(x W_β)``."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from flax import nnx
 from pmem.core import accounting
 from pmem.core.registry import SEQUENCE_MIXERS
 from pmem.layers.init import fan_in_normal
-from pmem.layers.recurrent import LinearRecurrence
+from pmem.layers.linear_recurrence import LinearRecurrence
 from kernels.common import widen
 
 

@@ -1,5 +1,5 @@
 """Linear attention (Katharopoulos et al. 2020) and gated linear attention (GLA, Yang et al. 2024)
-as :class:`pmem.layers.recurrent.LinearRecurrence` mixers: ``S_t = diag(g_t) S_{t−1} + k_t v_tᵀ``,
+as :class:`pmem.layers.linear_recurrence.LinearRecurrence` mixers: ``S_t = diag(g_t) S_{t−1} + k_t v_tᵀ``,
 ``o_t = S_tᵀ q_t``."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from flax import nnx
 from pmem.core import accounting
 from pmem.core.registry import SEQUENCE_MIXERS
 from pmem.layers.init import fan_in_normal
-from pmem.layers.recurrent import LinearRecurrence
+from pmem.layers.linear_recurrence import LinearRecurrence
 from kernels.common import widen
 
 FEATURE_MAPS = {"identity": lambda x: x, "elu": lambda x: jax.nn.elu(x) + 1.0, "relu": jax.nn.relu}

@@ -15,7 +15,8 @@ from pmem.core.registry import SEQUENCE_MIXERS
 from pmem.core.rules import constrain
 from pmem.layers.deltanet import dt_bias_init
 from pmem.layers.init import fan_in_normal
-from pmem.layers.recurrent import ShortConv, recur
+from pmem.layers.conv import ShortConv
+from pmem.layers.linear_recurrence import recur
 from kernels.common import accumulator, widen
 
 

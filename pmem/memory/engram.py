@@ -62,6 +62,7 @@ from pmem.core import accounting
 from pmem.core.registry import CHANNEL_MIXERS
 from pmem.core.rules import constrain
 from pmem.core.variables import MemoryTable
+from pmem.layers.conv import causal_conv
 from pmem.layers.init import fan_in_normal
 from pmem.memory import diagnostics, edit, lookup
 from pmem.core.mixer import HostFeatures, TokenContext
@@ -294,21 +295,9 @@ class Engram(nnx.Module):
       s = jnp.sign(s) * jnp.sqrt(jnp.maximum(jnp.abs(s), 1e-6))
     return jax.nn.sigmoid(s)
 
-  def short_conv(self, u: Float[Array, "B T M D"], positions: Int[Array, "B T"],
-                 tail: Float[Array, "B L M D"] | None = None) -> tuple[Float[Array, "B T M D"], Float[Array, "B L M D"]]:
-    """Depthwise causal conv, tap j at lag j·N, no tap across a document start; ``tail``: the conv
-    inputs of the ``L = 3N`` tokens before ``u`` (decode state; zeros for whole documents). Returns
-    the output and the new tail."""
-    w, (b, t, m, d), lead = self.w_conv[...].astype(u.dtype), u.shape, (KERNEL - 1) * self.max_order
-    full = jnp.concatenate([jnp.zeros((b, lead, m, d), u.dtype) if tail is None else tail.astype(u.dtype), u], 1)
-    out = jnp.zeros_like(u)
-    for j in range(KERNEL):
-      lag = j * self.max_order
-      out = out + jnp.where((positions >= lag)[..., None, None], full[:, lead - lag:lead - lag + t], 0) * w[j]
-    return out, full[:, t:]
-
   def init_state(self, batch: int, max_len: int, dtype: str = "float32") -> dict[str, jax.Array]:
-    """The conv tail (:meth:`short_conv`); the n-gram history is the host's (``host_history``)."""
+    """The conv tail (:func:`pmem.layers.conv.causal_conv`, dilation N); the n-gram history is the host's
+    (``host_history``)."""
     del max_len
     if not self.conv:
       return {}
@@ -324,8 +313,8 @@ class Engram(nnx.Module):
     diagnostics.stat("engram/gate", a.reshape(b, t, m))
     y = (a[..., None].astype(dt) * v[:, None]).reshape(b, t, m, d)  # ṽ_m
     if self.conv:
-      c, tail = self.short_conv((_rms(y) * self.scale_c[...]).astype(dt), ctx.positions,
-                                None if state is None else state["tail"])
+      c, tail = causal_conv((_rms(y) * self.scale_c[...]).astype(dt), self.w_conv[...], ctx.positions,
+                            None if state is None else state["tail"], dilation=self.max_order)
       y = y + jax.nn.silu(c)
       state = None if state is None else {"tail": tail.astype(state["tail"].dtype)}
     y = constrain(y.mean(axis=2).astype(dt), ("batch", "length", "embed"))

@@ -89,7 +89,7 @@ REMAT_POLICIES: dict[str, Any] = {
 
 
 def _resolve(f: Factory, registry) -> Callable[..., nnx.Module]:
-  return registry.get_or_raise(f) if isinstance(f, str) else f
+  return registry[f] if isinstance(f, str) else f
 
 
 def _same(a, b) -> bool:
@@ -238,7 +238,7 @@ class Stage(nnx.Module):
     if cfg.scan_unroll < 1:
       raise ValueError(f"scan_unroll must be >= 1, got {cfg.scan_unroll}")
     self.policy = REMAT_POLICIES[cfg.remat]
-    self.remat, self.unroll = cfg.remat != "none", cfg.scan_unroll
+    self.remat, self.scan_unroll = cfg.remat != "none", cfg.scan_unroll
     if self.scan:
       # stacked specs take no layer index (stages()), so ``start`` serves every repetition
       unit = (lambda r: Block(cfg, specs[0], start, rngs=r)) if self.period == 1 else (
@@ -247,7 +247,7 @@ class Stage(nnx.Module):
     else:
       self.blocks = nnx.List([Block(cfg, specs[0], start + i, rngs=rngs) for i in range(n)])
 
-  def layers(self) -> list[tuple[tuple, int | None]]:
+  def block_paths(self) -> list[tuple[tuple, int | None]]:
     """Per layer of the stage, in order: (path of its block's variables below the stage, index
     into their stacked leading axis or None)."""
     if not self.scan:
@@ -293,7 +293,7 @@ class Stage(nnx.Module):
     graphdef, state = nnx.split(self.blocks)
     first = self.start + self.period * jnp.arange(self.n)  # each repetition's first layer
     layer = lambda i, tree: jax.tree.map(lambda a: a[i], tree)  # noqa: E731
-    if diagnostics.active():  # unrolled, so values the layers record need not leave a scan
+    if diagnostics.active():  # a Python loop, so values the blocks record need not leave a scan
       out = []
       for i in range(self.n):
         r = run(nnx.merge(graphdef, layer(i, state)), x, None if cache is None else layer(i, cache), first[i])
@@ -302,10 +302,10 @@ class Stage(nnx.Module):
       return x if cache is None else (x, jax.tree.map(lambda *a: jnp.stack(a), *out))
     if cache is None:
       x, _ = jax.lax.scan(lambda h, s: (run(nnx.merge(graphdef, s[0]), h, None, s[1]), None), x, (state, first),
-                          unroll=self.unroll)
+                          unroll=self.scan_unroll)
       return x
     return jax.lax.scan(lambda h, s: run(nnx.merge(graphdef, s[0]), h, s[1], s[2]), x, (state, cache, first),
-                        unroll=self.unroll)
+                        unroll=self.scan_unroll)
 
   def cost(self, seq_len: int) -> accounting.Cost:
     unit = self.blocks if self.scan else self.blocks[0]  # costs depend on static sizes only
@@ -398,18 +398,18 @@ class Decoder(nnx.Module):
     return c + head
 
 
-def layer_paths(model: Decoder) -> list[tuple[tuple, int | None]]:
+def block_paths(model: Decoder) -> list[tuple[tuple, int | None]]:
   """Per layer, in order: the path of its block's variables in ``model`` and the index into their
   stacked leading axis (None: not stacked)."""
-  return [(("stages", i, *sub), j) for i, s in enumerate(model.stages) for sub, j in s.layers()]
+  return [(("stages", i, *sub), j) for i, s in enumerate(model.stages) for sub, j in s.block_paths()]
 
 
-def layers(model: Decoder) -> list[Block]:
-  """The blocks in order (scanned stages unstacked by :func:`unroll`)."""
-  return [b for stage in unroll(model)[0].stages for b in stage.blocks]
+def blocks(model: Decoder) -> list[Block]:
+  """The blocks in layer order (scanned stages unstacked by :func:`unstack`)."""
+  return [b for stage in unstack(model)[0].stages for b in stage.blocks]
 
 
-def unroll(model: Decoder) -> tuple[Decoder, dict[str, tuple[str, int | None]]]:
+def unstack(model: Decoder) -> tuple[Decoder, dict[str, tuple[str, int | None]]]:
   """``(model', sources)``: ``model`` with every scanned stage's stacked layers as separate blocks
   holding the same values (each layer's slice copied once), and for every variable of ``model'``
   its ``(name in model, layer index into its stacked value or None)``. The generator decodes with
@@ -418,7 +418,7 @@ def unroll(model: Decoder) -> tuple[Decoder, dict[str, tuple[str, int | None]]]:
   if not any(s.scan for s in model.stages):
     return model, {name_of(p): (name_of(p), None) for p, _ in nnx.to_flat_state(nnx.state(model))}
   flat = dict(nnx.to_flat_state(nnx.state(model)))
-  where = layer_paths(model)
+  where = block_paths(model)
   cfg = dataclasses.replace(model.cfg, scan_layers=False)
   out = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
   graphdef, abstract = nnx.split(out)
@@ -426,7 +426,7 @@ def unroll(model: Decoder) -> tuple[Decoder, dict[str, tuple[str, int | None]]]:
   def source(p: tuple) -> tuple[tuple, int | None]:
     if p[0] != "stages":
       return p, None
-    prefix, j = where[out.stages[p[1]].start + p[3]]  # unrolled paths: ("stages", i, "blocks", k, ...)
+    prefix, j = where[out.stages[p[1]].start + p[3]]  # unstacked paths: ("stages", i, "blocks", k, ...)
     return (*prefix, *p[4:]), j
 
   leaves, sources = [], {}

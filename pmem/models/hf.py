@@ -18,8 +18,8 @@ rotate_half over the pairs ``(i, i + h/2)`` with ``inv_freq = theta^(-2i/h)`` (n
 q/k), statistics in float32 times the weight.
 
 **Tensors.** PyTorch ``Linear`` weights are ``[out, in]``; pmem keeps ``[in..., out...]`` (``wq [d,
-n, h]``, ``wo [n, h, d]``, biases ``[n, h]``): a transpose and a reshape each way, in any layout of
-scanned or unrolled layers (:func:`pmem.models.decoder.layer_paths`). pmem's parameters are
+n, h]``, ``wo [n, h, d]``, biases ``[n, h]``): a transpose and a reshape each way, with the blocks
+stacked (scanned) or separate (:func:`pmem.models.decoder.block_paths`). pmem's parameters are
 float32; a bfloat16 / float16 source converts exactly, so import -> export in the source's dtypes
 is bit-exact (``experiments.convert --to-hf`` writes float32 unless ``--dtype source`` or
 ``bfloat16``). A tied model stores no ``lm_head.weight``.
@@ -51,7 +51,7 @@ from pmem.core.variables import name_of
 from pmem.layers import adapters
 from pmem.layers.attention import Attention
 from pmem.layers.mlp import SwiGLU
-from pmem.models.decoder import Decoder, layer_paths
+from pmem.models.decoder import Decoder, block_paths
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
@@ -137,7 +137,7 @@ def _blocks(model: Decoder) -> list:
   """Every layer's block (stacked blocks for scanned layers), checked to be one HF layer shape."""
   if model.shared:
     raise ValueError("a model with shared modules (model.shared) has no Hugging Face equivalent")
-  blocks = [_get(model, path) for path, _ in layer_paths(model)]
+  blocks = [_get(model, path) for path, _ in block_paths(model)]
   key = lambda b: (b.seq.n_heads, b.seq.n_kv_heads, b.seq.head_dim, b.seq.rope_theta, b.seq.qkv_bias, b.ch.d_ff,  # noqa: E731
                    b.norm_seq.eps, b.norm_ch.eps)
   for i, b in enumerate(blocks):
@@ -176,7 +176,7 @@ def plan(model: Decoder) -> dict[str, tuple[tuple, int | None, int | None]]:
   out = {name: (path, None, k) for name, path, k in TOP}
   if not model.cfg.tie_embeddings:
     out[HEAD[0]] = (HEAD[1], None, HEAD[2])
-  for i, ((prefix, j), b) in enumerate(zip(layer_paths(model), blocks)):
+  for i, ((prefix, j), b) in enumerate(zip(block_paths(model), blocks)):
     for name, path, k in LAYER + (BIASES if b.seq.qkv_bias else ()):
       out[f"model.layers.{i}.{name}"] = ((*prefix, *path), j, k)
   return out

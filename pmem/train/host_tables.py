@@ -190,23 +190,23 @@ class HostTables:
         x[i][ids[i][keep]] = s_new[k][i][keep]
 
   def train_step(self, step: Callable) -> Callable:
-    """``step(state, batch) -> (state, metrics)`` around the jitted device step (3 outputs): ships
+    """``step(train_state, batch) -> (train_state, metrics)`` around the jitted device step (3 outputs): ships
     the staged rows of this batch, applies the row gradients here, refreshes the next staging."""
 
-    def run(state, batch):
+    def run(train_state, batch):
       item = self.pending.popleft()
-      state, metrics, out = step(state, {**batch, "tables": item.staged.result()})
+      train_state, metrics, out = step(train_state, {**batch, "tables": item.staged.result()})
       written = self.apply(out)
       if self.ahead is not None:
         staged = self.ahead.staged.result()
         self.ahead.staged = _done(self._refresh(staged, written))
-      return state, metrics
+      return train_state, metrics
 
     return run
 
   def score_step(self, score: Callable) -> Callable:
-    """``score(state, batch)`` with the batch's rows staged (synchronously; eval reads only)."""
-    return lambda state, batch: score(state, {**batch, "tables": self.stage(jax.device_get(batch))})
+    """``score(train_state, batch)`` with the batch's rows staged (synchronously; eval reads only)."""
+    return lambda train_state, batch: score(train_state, {**batch, "tables": self.stage(jax.device_get(batch))})
 
   # ---------------------------------------------------------------------------- checkpoints
 

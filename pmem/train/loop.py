@@ -133,15 +133,40 @@ def count_params(state: nnx.State) -> int:
 
 
 class Trainer:
-  """Builds everything a run needs; ``run`` trains and returns the summary. With a ``workdir`` it
-  resumes from the newest readable checkpoint there (or ``step``); a fresh start in a workdir that
-  holds another run's logs needs ``overwrite``; ``lock`` (the launcher's) holds :func:`lock_workdir`
-  from before the first write to it."""
+  """A run in stages a notebook can call one by one: :meth:`build` (mesh, data, model, optimizer, step 0's
+  train state, jitted steps, evaluator), :meth:`restore` (a checkpoint, ``train.init_from`` or a fresh
+  start), :meth:`loop` (training to ``train.steps``) and :meth:`report` (summary.json).
+  ``Trainer(exp, workdir)`` is build + restore and :meth:`run` loop + report. With a ``workdir`` it resumes
+  from the newest readable checkpoint there (or ``step``); a fresh start in a workdir that holds another
+  run's logs needs ``overwrite``; ``lock`` (the launcher's) holds :func:`lock_workdir` from before the
+  first write to it. ``train_state``: ``{"params", "rest", "opt", "step"}``."""
 
   def __init__(self, exp: Experiment, workdir: str | None = None, *, overwrite: bool = False,
                step: int | None = None, lock: bool = False):
-    self.exp, self.workdir = exp, workdir
-    t = exp.train
+    self._build(exp, workdir, lock)
+    self.restore(step, overwrite=overwrite)
+
+  @classmethod
+  def build(cls, exp: Experiment, workdir: str | None = None, *, lock: bool = False) -> Trainer:
+    """A trainer at step 0 of a fresh train state, nothing restored yet (:meth:`restore` next). The workdir's
+    lock and checkpointer come before the optimizer: its schedule's horizon may be the checkpoints'."""
+    trainer = cls.__new__(cls)
+    trainer._build(exp, workdir, lock)
+    return trainer
+
+  def _build(self, exp: Experiment, workdir: str | None, lock: bool) -> None:
+    self._configure(exp)
+    with jax.set_mesh(self.mesh):
+      abs_params, abs_rest = self._model()
+      self._open(workdir, lock)
+      abs_params = self._optimizer(abs_params, abs_rest)
+      self._init(abs_params, abs_rest)
+      self._compile(abs_params)
+    self._inputs()
+
+  def _configure(self, exp: Experiment) -> None:
+    """Checks the run's sizes; the mesh, the data pipeline and the batch sharding."""
+    self.exp, t = exp, exp.train
     if t.steps < 1 or t.batch_size < 1 or t.seq_len < 1:
       raise ValueError(f"train.steps, train.batch_size and train.seq_len must be >= 1, got "
                        f"{t.steps}, {t.batch_size}, {t.seq_len}")
@@ -155,102 +180,144 @@ class Trainer:
                        f"model.vocab={exp.model.vocab}")
     self.batch_sharding = NamedSharding(self.mesh, rules.logical_to_spec(("batch", "length")))
 
-    def init():
-      model = Decoder(exp.model, rngs=nnx.Rngs(exp.seed))
-      graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-      return graphdef, params, rest, (model.cost(t.seq_len), model.state_bytes(t.seq_len))
+  def _fresh(self):
+    """(graphdef, params, rest, (cost, decode-state bytes)) of the seeded model: every call makes the same."""
+    exp, n = self.exp, self.exp.train.seq_len
+    model = Decoder(exp.model, rngs=nnx.Rngs(exp.seed))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, params, rest, (model.cost(n), model.state_bytes(n))
 
-    with jax.set_mesh(self.mesh):
-      graphdef, abs_params, abs_rest, (self.cost, self.state_bytes) = _abstract(init)  # a bad config fails here
-      self.graphdef = graphdef
-      if t.init_from:  # its tensors fit the model (names, shapes), before anything is written
-        hf.check(t.init_from, nnx.merge(graphdef, abs_params, abs_rest))
-      self.ckpt, stored = None, None
-      if workdir:  # the first things written to the workdir: the lock, checkpoints/ (checked writable)
-        self._lock = lock_workdir(workdir) if lock else None  # held while this Trainer lives
-        self.ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), exp.checkpoint)
-        stored = self.ckpt.latest_meta()
-      # the schedule's horizon: given, else the one the checkpoints were written with, else train.steps
-      self.schedule_steps = t.schedule_steps or (stored or {}).get("schedule_steps") or t.steps
-      self.fingerprint = exp.fingerprint(data_contents(self.data, t.init_from), self.schedule_steps)
-      self.tx, self.lr = optim.build(t.optim, self.schedule_steps)
-      # host-computed batch fields of modules that have them (Engram's hashed n-gram ids), read
-      # from the abstract model's static attributes
-      self.features = batch_features(nnx.merge(graphdef, abs_params, abs_rest), self.data.tokenizer)
-      example = self.featurize({k: np.zeros((1, t.seq_len), np.int32) for k in FIELDS})
-      self.fields = FIELDS + tuple(sorted(example.keys() - set(FIELDS)))
-      # row-sparse tables past tables.device_budget_bytes live on the host (pmem.train.host_tables):
-      # placeholders in params, never materialized on the device
-      self.tx, self.host = host_tables.HostTables.create(self.tx, abs_params, lambda: init()[1],
-                                                         {k: t.batch_size * v.size for k, v in example.items()})
-      self.params_total = count_params(abs_params)
-      optim.check_trainable(abs_params, t.trainable)
-      trained = optim.trainable(abs_params, t.trainable)[0]
-      self.params_trainable = count_params(trained)
-      names = {sparse.name_of(p) for p, _ in nnx.to_flat_state(trained)}
-      if frozen := [n for n in (self.host.tables if self.host else ()) if n not in names]:
-        raise ValueError(f"host-resident table {frozen[0]} is frozen by train.trainable; only device tables "
-                         "can be frozen (raise train.optim.tables.device_budget_bytes)")
-      on_device = self.host.placeholders if self.host else (lambda p: p)
-      abs_params = on_device(abs_params)
-      p_sh, r_sh = param_shardings(self.mesh, abs_params), param_shardings(self.mesh, abs_rest)
-      params, rest = jax.jit(lambda: (lambda _, p, r, __: (on_device(p), r))(*init()),  # (params, rest)
-                             out_shardings=(p_sh, r_sh))()
-      replicated = NamedSharding(self.mesh, P())
-      init_opt = lambda p: self.tx.init(optim.trainable(p, t.trainable)[0])  # noqa: E731
-      abs_opt = jax.eval_shape(init_opt, abs_params)
-      opt_sh = self.tx.row_state_shardings(shardings_like(abs_opt, abs_params, p_sh, replicated), p_sh)
-      opt = jax.jit(init_opt, out_shardings=opt_sh)(params)
-      self.sync_save = self.host is not None or bool(jax.tree.leaves(opt["rows"]))  # row-sparse / host tables
-      self.state = {"params": params, "rest": rest, "opt": opt,
-                    "step": jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(self.mesh, P()))}
-      state_sh = jax.tree.map(lambda x: x.sharding, self.state)
-      batch_sh = {k: self.batch_sharding for k in self.fields} | ({"tables": replicated} if self.host else {})
-      self.step_fn = jax.jit(step_lib.make_train_step(graphdef, self.tx, self.lr, t.z_loss, t.trainable, exp.seed,
-                                                    t.loss_chunk),
-                             in_shardings=(state_sh, batch_sh),
-                             out_shardings=(state_sh, replicated) + ((replicated,) if self.host else ()),
-                             donate_argnums=0)
-      # models with memory tables report row usage / statistics while scoring (pmem.train.inspect)
-      self.tables = sparse.tables_of(abs_params, lambda name, v: True)
-      self.score_fn = jax.jit(step_lib.make_score_step(graphdef, self.tx, collect=bool(self.tables)),
-                              in_shardings=(state_sh, batch_sh),
-                              out_shardings=replicated)
-      if self.host:
-        self.step_fn, self.score_fn = self.host.train_step(self.step_fn), self.host.score_step(self.score_fn)
+  def _model(self) -> tuple[nnx.State, nnx.State]:
+    """The abstract (params, rest), the graphdef and the cost, allocating nothing (a bad config fails here)."""
+    self.graphdef, abs_params, abs_rest, (self.cost, self.state_bytes) = _abstract(self._fresh)
+    if self.exp.train.init_from:  # its tensors fit the model (names, shapes), before anything is written
+      hf.check(self.exp.train.init_from, nnx.merge(self.graphdef, abs_params, abs_rest))
+    return abs_params, abs_rest
+
+  def _open(self, workdir: str | None, lock: bool) -> None:
+    """The first things written to the workdir: the lock, checkpoints/ (checked writable); the schedule's
+    horizon (given, else the one the checkpoints were written with, else train.steps); the fingerprint."""
+    t = self.exp.train
+    self.workdir, self.ckpt, stored = workdir, None, None
+    if workdir:
+      self._lock = lock_workdir(workdir) if lock else None  # held while this Trainer lives
+      self.ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), self.exp.checkpoint)
+      stored = self.ckpt.latest_meta()
+    self.schedule_steps = t.schedule_steps or (stored or {}).get("schedule_steps") or t.steps
+    self.fingerprint = self.exp.fingerprint(data_contents(self.data, t.init_from), self.schedule_steps)
+
+  def _optimizer(self, abs_params: nnx.State, abs_rest: nnx.State) -> nnx.State:
+    """The optimizer, host-computed batch fields, host-resident tables, parameter counts and the checks of
+    ``train.trainable``; the abstract parameters as on the device."""
+    t = self.exp.train
+    self.tx, self.lr = optim.build(t.optim, self.schedule_steps)
+    # host-computed batch fields of modules that have them (Engram's hashed n-gram ids), read
+    # from the abstract model's static attributes
+    self.features = batch_features(nnx.merge(self.graphdef, abs_params, abs_rest), self.data.tokenizer)
+    example = self.featurize({k: np.zeros((1, t.seq_len), np.int32) for k in FIELDS})
+    self.fields = FIELDS + tuple(sorted(example.keys() - set(FIELDS)))
+    # row-sparse tables past tables.device_budget_bytes live on the host (pmem.train.host_tables):
+    # placeholders in params, never materialized on the device
+    self.tx, self.host = host_tables.HostTables.create(self.tx, abs_params, lambda: self._fresh()[1],
+                                                       {k: t.batch_size * v.size for k, v in example.items()})
+    self.params_total = count_params(abs_params)
+    optim.check_trainable(abs_params, t.trainable)
+    trained = optim.trainable(abs_params, t.trainable)[0]
+    self.params_trainable = count_params(trained)
+    names = {sparse.name_of(p) for p, _ in nnx.to_flat_state(trained)}
+    if frozen := [n for n in (self.host.tables if self.host else ()) if n not in names]:
+      raise ValueError(f"host-resident table {frozen[0]} is frozen by train.trainable; only device tables "
+                       "can be frozen (raise train.optim.tables.device_budget_bytes)")
+    return self._on_device(abs_params)
+
+  def _on_device(self, params: nnx.State) -> nnx.State:
+    return self.host.placeholders(params) if self.host else params
+
+  def _init(self, abs_params: nnx.State, abs_rest: nnx.State) -> None:
+    """Step 0's ``train_state``, initialized sharded (the optimizer's state: of the trained parameters)."""
+    trainable, replicated = self.exp.train.trainable, NamedSharding(self.mesh, P())
+    p_sh, r_sh = param_shardings(self.mesh, abs_params), param_shardings(self.mesh, abs_rest)
+
+    def fresh():
+      _, params, rest, _ = self._fresh()
+      return self._on_device(params), rest
+
+    params, rest = jax.jit(fresh, out_shardings=(p_sh, r_sh))()
+    init_opt = lambda p: self.tx.init(optim.trainable(p, trainable)[0])  # noqa: E731
+    abs_opt = jax.eval_shape(init_opt, abs_params)
+    opt_sh = self.tx.row_state_shardings(shardings_like(abs_opt, abs_params, p_sh, replicated), p_sh)
+    opt = jax.jit(init_opt, out_shardings=opt_sh)(params)
+    self.sync_save = self.host is not None or bool(jax.tree.leaves(opt["rows"]))  # row-sparse / host tables
+    self.train_state = {"params": params, "rest": rest, "opt": opt,
+                        "step": jax.device_put(jnp.zeros((), jnp.int32), replicated)}
+
+  def _compile(self, abs_params: nnx.State) -> None:
+    """The jitted train step (donating the train state) and score step (host tables: staging their rows)."""
+    t, replicated = self.exp.train, NamedSharding(self.mesh, P())
+    train_state_sh = jax.tree.map(lambda x: x.sharding, self.train_state)
+    batch_sh = {k: self.batch_sharding for k in self.fields} | ({"tables": replicated} if self.host else {})
+    self.step_fn = jax.jit(step_lib.make_train_step(self.graphdef, self.tx, self.lr, t.z_loss, t.trainable,
+                                                    self.exp.seed, t.loss_chunk),
+                           in_shardings=(train_state_sh, batch_sh),
+                           out_shardings=(train_state_sh, replicated) + ((replicated,) if self.host else ()),
+                           donate_argnums=0)
+    # models with memory tables report row usage / statistics while scoring (pmem.train.inspect)
+    self.tables = sparse.tables_of(abs_params, lambda name, v: True)
+    self.score_fn = jax.jit(step_lib.make_score_step(self.graphdef, self.tx, collect=bool(self.tables)),
+                            in_shardings=(train_state_sh, batch_sh),
+                            out_shardings=replicated)
+    if self.host:
+      self.step_fn, self.score_fn = self.host.train_step(self.step_fn), self.host.score_step(self.score_fn)
+
+  def _inputs(self) -> None:
+    """This process's rows of the batch, the training iterator, the evaluator."""
+    t = self.exp.train
     shape = (t.batch_size, t.seq_len)
     index = self.batch_sharding.addressable_devices_indices_map(shape)
     self.rows = sorted({r for idx in index.values() for r in range(*idx[0].indices(shape[0]))})
     self.it = self.data.iterator(self.rows, t.steps, self.featurize)
     if self.host:
       self.it = self.host.prefetch(self.it)  # stages the next batch's rows during the step
-    self.evaluator = Evaluator(exp.eval, self.data, self.score, self.generate)
+    self.evaluator = Evaluator(self.exp.eval, self.data, self.score, self.generate)
     self._generator: tuple[Any, Generator | None] = (None, None)  # (the params it was built from, it)
+
+  def restore(self, step: int | None = None, *, overwrite: bool = False) -> None:
+    """The train state to start from (once, after :meth:`build`): the workdir's newest readable checkpoint
+    (or ``step``'s), else step 0 (:meth:`_fresh_start`; ``train.init_from``: its weights); sets
+    ``start_step`` and the iterator's position."""
+    t = self.exp.train
     self.start_step = 0
-    if workdir:
-      abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
+    if self.workdir:
+      abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                              self.train_state)
       restored = self.ckpt.restore({**abstract, "host": self.host.abstract()} if self.host else abstract,
                                    self.fingerprint, step)
       if restored is not None:
-        self.state, meta = restored
+        self.train_state, meta = restored
         if self.host:
-          self.host.restore(self.state.pop("host"))
+          self.host.restore(self.train_state.pop("host"))
         self.start_step = int(meta["data"]["next_step"])
         if self.start_step > t.steps:  # before the iterator (of train.steps steps) is set past its end
-          raise ValueError(f"{workdir} has a checkpoint at step {self.start_step}, past train.steps={t.steps}; "
+          raise ValueError(f"{self.workdir} has a checkpoint at step {self.start_step}, past train.steps={t.steps}; "
                            f"set train.steps >= {self.start_step}")
         self.it.set_state(meta["data"]["iterator"])
       elif step is not None:
         raise ckpt_lib.CheckpointError(f"checkpoint {step} in {self.ckpt.directory} is unreadable")
       else:
         self._fresh_start(overwrite)
-    self.reached = self.start_step  # the last step dispatched (run() advances it; :meth:`interrupted`)
-    if t.init_from and self.start_step == 0:  # a fresh start: step 0 is the checkpoint's weights (adapters: init)
-      with jax.set_mesh(self.mesh):
-        model = nnx.merge(graphdef, self.state["params"], self.state["rest"])
-        model = nnx.merge(graphdef, hf.load_params(t.init_from, model), self.state["rest"])
-        adapters.reset_magnitudes(model)  # DoRA's m = ‖W‖_c of the loaded W: step 0 is the loaded model
-        self.state["params"] = jax.device_put(nnx.state(model, nnx.Param), p_sh)
+    self.reached = self.start_step  # the last step dispatched (loop() advances it; :meth:`interrupted`)
+    if t.init_from and self.start_step == 0:
+      self._load_init_from()
+
+  def _load_init_from(self) -> None:
+    """A fresh start's step 0: ``train.init_from``'s weights (adapters: their init)."""
+    params, rest = self.train_state["params"], self.train_state["rest"]
+    shardings = jax.tree.map(lambda x: x.sharding, params)
+    with jax.set_mesh(self.mesh):
+      model = nnx.merge(self.graphdef, params, rest)
+      model = nnx.merge(self.graphdef, hf.load_params(self.exp.train.init_from, model), rest)
+      adapters.reset_magnitudes(model)  # DoRA's m = ‖W‖_c of the loaded W: step 0 is the loaded model
+      self.train_state["params"] = jax.device_put(nnx.state(model, nnx.Param), shardings)
 
   def _fresh_start(self, overwrite: bool) -> None:
     """Step 0 in a workdir: refuse (unless ``overwrite``) if it holds the logs of a run that left no
@@ -289,25 +356,25 @@ class Trainer:
   def score(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Per-position nll / correct of a global batch held in full by every process."""
     with jax.set_mesh(self.mesh):
-      out = self.score_fn(self.state, self.to_device(self.featurize(batch), range(self.exp.train.batch_size)))
+      out = self.score_fn(self.train_state, self.to_device(self.featurize(batch), range(self.exp.train.batch_size)))
     return jax.device_get(out)
 
-  def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, state: dict | None = None
+  def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, train_state: dict | None = None
                ) -> list[np.ndarray]:
-    """Greedy continuations (``max_new_tokens`` tokens each) of token-id prompts under ``state``
+    """Greedy continuations (``max_new_tokens`` tokens each) of token-id prompts under ``train_state``
     (default: the current one), in batches of ``train.batch_size`` (the last filled up with copies of
     its first prompt), by one :class:`pmem.decode.Generator` (compiled once) given the parameters
     whenever they change."""
-    state = self.state if state is None else state
-    if self._generator[0] is not state["params"]:
-      model = nnx.merge(self.graphdef, state["params"], state["rest"])
+    train_state = self.train_state if train_state is None else train_state
+    if self._generator[0] is not train_state["params"]:
+      model = nnx.merge(self.graphdef, train_state["params"], train_state["rest"])
       gen = self._generator[1]
       if gen is None:
         gen = Generator(model, self.data.tokenizer, max_len=self.exp.train.seq_len,
                         host_tables=self.host.tables if self.host else None, mesh=self.mesh)
       else:
         gen.set_model(model)
-      self._generator = state["params"], gen
+      self._generator = train_state["params"], gen
     gen, b, out = self._generator[1], self.exp.train.batch_size, []
     for lo in range(0, len(prompts), b):
       part = list(prompts[lo:lo + b])
@@ -336,14 +403,14 @@ class Trainer:
       if host:
         out[name] = np.take(self.host.tables[name], rows, axis=-2)
       else:
-        value = dict(nnx.to_flat_state(self.state["params"]))[path].get_value()
+        value = dict(nnx.to_flat_state(self.train_state["params"]))[path].get_value()
         out[name] = np.asarray(jax.device_get(jnp.take(value, rows, axis=-2)))
     return out
 
   def summary_header(self) -> dict[str, Any]:
     c = self.cost
     return {"params_total": self.params_total, "params_trainable": self.params_trainable,
-            "optimizer_bytes": sum(x.nbytes for x in jax.tree.leaves(self.state["opt"])),
+            "optimizer_bytes": sum(x.nbytes for x in jax.tree.leaves(self.train_state["opt"])),
             "params_active_per_token": c.active_params,
             "flops_per_token": c.flops, "train_flops_per_token": accounting.train_flops(c),
             "bytes_read_per_token": c.bytes_read, "decode_state_bytes_per_sequence": self.state_bytes,
@@ -382,62 +449,49 @@ class Trainer:
     return f"pmem: interrupted at step {self.reached} of {self.exp.train.steps}; {where}"
 
   def run(self) -> dict[str, Any]:
-    t, lead, ev = self.exp.train, jax.process_index() == 0, self.exp.eval
-    if (done := self.finished()) is not None:  # report it, change nothing
-      if lead:
-        print(f"pmem: {self.workdir} finished {t.steps} steps already; stored results: "
-              + json.dumps({k: v for k, v in done.get("eval", {}).items() if k.count("/") == 1}), flush=True)
-      if self.ckpt is not None:
-        self.ckpt.close()
-      return done
+    """:meth:`loop` then :meth:`report`; a run that reached ``train.steps`` and was evaluated reports its
+    stored summary and changes nothing."""
+    if (done := self.finished()) is None:
+      return self.report(self.loop())
+    if jax.process_index() == 0:
+      print(f"pmem: {self.workdir} finished {self.exp.train.steps} steps already; stored results: "
+            + json.dumps({k: v for k, v in done.get("eval", {}).items() if k.count("/") == 1}), flush=True)
+    if self.ckpt is not None:
+      self.ckpt.close()
+    return done
+
+  def loop(self) -> dict[str, Any]:
+    """Trains from ``start_step`` to ``train.steps``: logs, checkpoints, evaluations; the outcome (final loss,
+    steady tokens/s, seconds waiting for data, the last evaluation's results) for :meth:`report`."""
+    t, ev, lead = self.exp.train, self.exp.eval, jax.process_index() == 0
     final_only = self.start_step == t.steps  # stopped during the last evaluation: only that is left
     log = _Writer(self.workdir if lead else None, self.start_step, final_only)
-    head = self.summary_header()
     if lead:
-      print("pmem: " + ", ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}" for k, v in head.items()),
-            flush=True)
-      if self.start_step:
-        print(f"pmem: resumed from the step-{self.start_step} checkpoint in {self.ckpt.directory}", flush=True)
+      self._announce()
     bar = _progress(t.steps, self.start_step, lead and t.progress)
-    tokens = t.batch_size * t.seq_len
-    last_t, last_step, steady, data_s, sync_s, data_total = time.perf_counter(), self.start_step, [], 0.0, 0.0, 0.0
+    meter = _Meter(t.batch_size * t.seq_len, self.start_step)
     results: dict[str, float] = {}
     pending = None  # (step, metrics) of a logged step whose metrics are read once the next step is dispatched
 
-    def read(step: int, metrics) -> dict[str, float]:
-      nonlocal sync_s
-      t0 = time.perf_counter()
-      m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      sync_s += time.perf_counter() - t0
-      # the loss is that of the parameters entering this step, param_norm that of the parameters it produced
-      bad = [k for k in ("loss", "param_norm") if not math.isfinite(m[k])]
-      if bad:
-        raise self.nan_stop(bad[0], m[bad[0]], step)
-      return m
-
-    def report(step: int, m: dict[str, float]) -> None:
-      nonlocal last_t, last_step, data_s, sync_s, data_total
-      now = time.perf_counter()
-      m["tokens_per_s"] = tokens * (step - last_step) / (now - last_t)
-      m["data_fraction"] = data_s / (now - last_t)  # time waiting for batches / wall time
-      m["sync_fraction"] = sync_s / (now - last_t)  # time blocked reading metrics / wall time
-      data_total, data_s, sync_s = data_total + data_s, 0.0, 0.0
-      if last_step > self.start_step:  # exclude the compiling first interval
-        steady.append(m["tokens_per_s"])
-      last_t, last_step = now, step
+    def logged(step: int, m: dict[str, float]) -> None:
+      m = {**m, **meter.interval(step)}
       log.metrics({"step": step, **m})
       bar.set_postfix(step=step, loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
+
+    def evaluate(step: int) -> dict[str, float]:
+      out = self.evaluate()
+      if out:
+        log.metrics({"step": step, **out})
+      return out
 
     try:
       with jax.set_mesh(self.mesh):
         for s in range(self.start_step, t.steps):
-          t_data = time.perf_counter()
-          batch = self.to_device(next(self.it), self.rows)
-          data_s += time.perf_counter() - t_data
-          self.state, metrics = self.step_fn(self.state, batch)
+          batch = meter.data(lambda: self.to_device(next(self.it), self.rows))
+          self.train_state, metrics = self.step_fn(self.train_state, batch)
           step = self.reached = s + 1
           if pending is not None:  # the previous step's metrics, read while this step runs
-            report(pending[0], read(*pending))
+            logged(pending[0], self._read(meter, *pending))
             pending = None
           if self.ckpt is not None:
             self.ckpt.check()  # an asynchronous save that failed stops the run by the next step
@@ -445,39 +499,103 @@ class Trainer:
           save_now = self.ckpt is not None and self.ckpt.should_save(step, t.steps)
           eval_now = step == t.steps or (ev.every and step % ev.every == 0)
           if save_now or eval_now:  # read now: a checkpoint is saved only after its step proved finite
-            m = read(step, metrics)
+            m = self._read(meter, step, metrics)
             if log_now:
-              report(step, m)
+              logged(step, m)
           elif log_now:
             pending = step, metrics
           if save_now:
-            # tables are saved without a copy (sync_save): finished before the next step writes them
-            self.ckpt.save(step, {**self.state, "host": self.host.arrays()} if self.host else self.state,
-                           {"data": {"next_step": step, "iterator": self.it.get_state()},
-                            "schedule_steps": self.schedule_steps}, wait=self.sync_save)
+            self._save(step)
           if eval_now:
-            results = self.evaluate()
-            if results:
-              log.metrics({"step": step, **results})
-            last_t = time.perf_counter()  # evaluation time is not training throughput
+            results = evaluate(step)
+            meter.skip()  # evaluation time is not training throughput
           bar.update(1)
         if final_only:
-          results = self.evaluate()
-          if results:
-            log.metrics({"step": t.steps, **results})
+          results = evaluate(t.steps)
     finally:
       bar.close()
+      log.close()
       if self.ckpt is not None:
         self.ckpt.close()
-    summary = {**head, "final_loss": log.last_loss, "steps": t.steps,
-               "tokens_per_s": float(np.median(steady)) if steady else None, "data_seconds": data_total,
-               "eval": results}
-    log.summary(summary)
-    if lead:
-      brief = {k: v for k, v in results.items() if k.count("/") == 1}
+    return {"final_loss": log.last_loss, "steps": t.steps, "tokens_per_s": meter.steady(),
+            "data_seconds": meter.data_total, "eval": results}
+
+  def _announce(self) -> None:
+    """The run's header line (:meth:`summary_header`) and where it resumed from."""
+    head = self.summary_header()
+    print("pmem: " + ", ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}" for k, v in head.items()),
+          flush=True)
+    if self.start_step:
+      print(f"pmem: resumed from the step-{self.start_step} checkpoint in {self.ckpt.directory}", flush=True)
+
+  def _read(self, meter: _Meter, step: int, metrics) -> dict[str, float]:
+    """A step's metrics on the host; the NaN stop."""
+    m = meter.read(metrics)
+    # the loss is that of the parameters entering this step, param_norm that of the parameters it produced
+    if bad := [k for k in ("loss", "param_norm") if not math.isfinite(m[k])]:
+      raise self.nan_stop(bad[0], m[bad[0]], step)
+    return m
+
+  def _save(self, step: int) -> None:
+    """Saves the train state, the iterator's position and the schedule's horizon; tables are saved without
+    a copy (``sync_save``): finished before the next step writes them."""
+    train_state = {**self.train_state, "host": self.host.arrays()} if self.host else self.train_state
+    self.ckpt.save(step, train_state, {"data": {"next_step": step, "iterator": self.it.get_state()},
+                                       "schedule_steps": self.schedule_steps}, wait=self.sync_save)
+
+  def report(self, outcome: dict[str, Any]) -> dict[str, Any]:
+    """The summary of :meth:`loop`'s ``outcome`` (after :meth:`summary_header`): written to summary.json
+    and its headline printed by process 0."""
+    summary = {**self.summary_header(), **outcome}
+    if jax.process_index() == 0:
+      if self.workdir:
+        with open(os.path.join(self.workdir, "summary.json"), "w") as f:
+          json.dump(summary, f, indent=2)
+      brief = {k: v for k, v in outcome["eval"].items() if k.count("/") == 1}
       print("pmem: " + json.dumps({"final_loss": summary["final_loss"], "tokens_per_s": summary["tokens_per_s"],
                                    **brief}), flush=True)
     return summary
+
+
+class _Meter:
+  """The loop's clock: per logged interval tokens/s and the fractions of wall time spent waiting for
+  batches (``data``) and blocked reading metrics (``read``); the median steady tokens/s."""
+
+  def __init__(self, tokens: int, start_step: int):
+    self.tokens, self.start, self.last_step, self.tokens_per_s = tokens, start_step, start_step, []
+    self.data_s = self.sync_s = self.data_total = 0.0
+    self.last_t = time.perf_counter()
+
+  def data(self, next_batch):
+    t0 = time.perf_counter()
+    batch = next_batch()
+    self.data_s += time.perf_counter() - t0
+    return batch
+
+  def read(self, metrics) -> dict[str, float]:
+    t0 = time.perf_counter()
+    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    self.sync_s += time.perf_counter() - t0
+    return m
+
+  def skip(self) -> None:
+    """Leaves the time until now (an evaluation) out of the interval."""
+    self.last_t = time.perf_counter()
+
+  def interval(self, step: int) -> dict[str, float]:
+    """The interval since the last logged step, ending at ``step``."""
+    now = time.perf_counter()
+    out = {"tokens_per_s": self.tokens * (step - self.last_step) / (now - self.last_t),
+           "data_fraction": self.data_s / (now - self.last_t),  # time waiting for batches / wall time
+           "sync_fraction": self.sync_s / (now - self.last_t)}  # time blocked reading metrics / wall time
+    self.data_total, self.data_s, self.sync_s = self.data_total + self.data_s, 0.0, 0.0
+    if self.last_step > self.start:  # exclude the compiling first interval
+      self.tokens_per_s.append(out["tokens_per_s"])
+    self.last_t, self.last_step = now, step
+    return out
+
+  def steady(self) -> float | None:
+    return float(np.median(self.tokens_per_s)) if self.tokens_per_s else None
 
 
 def _abstract(init):
@@ -492,10 +610,9 @@ def _abstract(init):
 
 
 class _Writer:
-  """metrics.jsonl (appended to on resume, dropping rows past the restored step), TensorBoard
+  """metrics.jsonl (appended to on resume, dropping rows past the restored step) and TensorBoard
   scalars under ``tb/`` (a new event file per run; on resume it starts with a ``SessionLog.START``
-  that purges the earlier files' steps past the restored one) and summary.json; written by process
-  0 only."""
+  that purges the earlier files' steps past the restored one); written by process 0 only."""
 
   def __init__(self, workdir: str | None, start_step: int, final_only: bool = False):
     self.workdir, self.last_loss = workdir, None
@@ -530,12 +647,10 @@ class _Writer:
       self.tb.add_event(event_pb2.Event(wall_time=time.time(), step=m["step"], summary=summary_pb2.Summary(value=values)))
       self.tb.flush()
 
-  def summary(self, s: dict) -> None:
+  def close(self) -> None:
     if self.workdir:
       self.f.close()
       self.tb.close()
-      with open(os.path.join(self.workdir, "summary.json"), "w") as f:
-        json.dump(s, f, indent=2)
 
 
 def _progress(total: int, initial: int, enabled: bool):

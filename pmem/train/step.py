@@ -41,9 +41,9 @@ def forward_loss(graphdef: nnx.GraphDef, params, rest, batch, z_loss: float, rng
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optim.Optimizer, lr: optax.Schedule, z_loss: float,
                     trainable: Sequence[str] = ("*",), seed: int = 0, loss_chunk: int = 0) -> Callable:
-  """``step(state, batch) -> (state, metrics)``; state = {params, rest, opt, step}. Only the
+  """``step(train_state, batch) -> (train_state, metrics)``; train_state = {params, rest, opt, step}. Only the
   parameters ``trainable`` (glob patterns over their paths, :func:`optim.trainable`) are
-  differentiated and updated; ``state["opt"]`` covers only them and ``grad_norm`` / ``param_norm``
+  differentiated and updated; ``train_state["opt"]`` covers only them and ``grad_norm`` / ``param_norm``
   are theirs. The model's noise key (adapter dropout) is ``fold_in(key(seed), step)``: a function of
   the step alone, so a resumed run draws the same masks. ``loss_chunk``: :func:`forward_loss`.
 
@@ -55,20 +55,22 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optim.Optimizer, lr: optax.Sched
   their compact gradients with the learning rate and clip norm to apply on the host
   (:mod:`pmem.train.host_tables`)."""
 
-  def step(state, batch):
-    params, frozen = optim.trainable(state["params"], trainable)
-    rng = jax.random.fold_in(jax.random.key(seed), state["step"])
-    f = lambda p: forward_loss(graphdef, nnx.merge_state(p, frozen), state["rest"], batch, z_loss, rng, loss_chunk)
+  def step(train_state, batch):
+    params, frozen = optim.trainable(train_state["params"], trainable)
+    rng = jax.random.fold_in(jax.random.key(seed), train_state["step"])
+    f = lambda p: forward_loss(graphdef, nnx.merge_state(p, frozen), train_state["rest"], batch, z_loss, rng,
+                               loss_chunk)
     (loss, aux), grads = sparse.value_and_grad(f, params, tx.row_sparse, staged(tx, batch))
     grads, host = tx.pop_host(grads)
-    updates, opt = tx.update(grads, state["opt"], params, host_norm_sq=sparse.norm_sq(host))
+    updates, opt = tx.update(grads, train_state["opt"], params, host_norm_sq=sparse.norm_sq(host))
     params = tx.apply_updates(params, updates)
     metrics = {"loss": loss, "ce": aux["ce"], "z": aux["z"], "grad_norm": tx.grad_norm(grads, host),
-               "learning_rate": lr(state["step"]), "param_norm": tx.param_norm(params, updates)}
-    new = {"params": nnx.merge_state(params, frozen), "rest": state["rest"], "opt": opt, "step": state["step"] + 1}
+               "learning_rate": lr(train_state["step"]), "param_norm": tx.param_norm(params, updates)}
+    new = {"params": nnx.merge_state(params, frozen), "rest": train_state["rest"], "opt": opt,
+           "step": train_state["step"] + 1}
     if not tx.host:
       return new, metrics
-    return new, metrics, {"grads": host, "lr": tx.table_lr(state["opt"]["count"]),
+    return new, metrics, {"grads": host, "lr": tx.table_lr(train_state["opt"]["count"]),
                           "norm": tx.table_norm(grads, host)}
 
   return step
@@ -80,17 +82,17 @@ def staged(tx: optim.Optimizer, batch) -> sparse.Staged:
 
 
 def make_score_step(graphdef: nnx.GraphDef, tx: optim.Optimizer | None = None, collect: bool = False) -> Callable:
-  """``score(state, batch) -> {nll, correct}``: per-position cross-entropy (nats) of the target and
+  """``score(train_state, batch) -> {nll, correct}``: per-position cross-entropy (nats) of the target and
   whether it is the argmax; the evaluator reduces them over loss masks or answer spans. Host
   tables (``tx.host``) are read from the rows staged in ``batch["tables"]``. With ``collect`` the
   output also holds what modules reported to :mod:`pmem.memory.diagnostics`: ``usage`` ({name:
   [(ids, num_rows), ...]}) and ``stats`` ({name: [values, ...]}), one entry per reporting layer."""
 
-  def score(state, batch):
-    params = state["params"]
+  def score(train_state, batch):
+    params = train_state["params"]
     if tx is not None and tx.host:
       params = sparse.tapped(params, lambda name, v: name in tx.host, staged(tx, batch))
-    model = nnx.merge(graphdef, params, state["rest"])
+    model = nnx.merge(graphdef, params, train_state["rest"])
     with trusted_ids(), lookup.reads(record=True), \
         diagnostics.collect() if collect else contextlib.nullcontext() as got:
       logits = model(batch["inputs"], context(batch)).astype(jnp.float32)

@@ -1,47 +1,25 @@
-"""The linear-recurrence sequence mixers' shared parts: :class:`ShortConv` (a causal depthwise conv
-with decode state), :func:`recur` (the recurrence over a call: chunked for whole documents and
-prompts, one step per decode token) and :class:`LinearRecurrence`, the projection / gate / norm
-layout that linear attention, GLA, DeltaNet and Gated DeltaNet share (each a short subclass:
-``pmem/layers/linear_attention.py``, ``pmem/layers/deltanet.py``). Decode state (pmem.core.mixer):
-``{"S": f32[B, H, K, V], "conv": {name: [B, W − 1, C]}}``; its size does not grow with ``max_len``."""
+"""The linear-recurrence sequence mixers' shared parts: :func:`recur` (the recurrence over a call:
+chunked for whole documents and prompts, one step per decode token; the math is
+``pmem/layers/recurrence.py``) and :class:`LinearRecurrence`, the projection / gate / norm layout that
+linear attention, GLA, DeltaNet and Gated DeltaNet share (each a short subclass:
+``pmem/layers/linear_attention.py``, ``pmem/layers/deltanet.py``), with optional short convs
+(``pmem/layers/conv.py``). Decode state (pmem.core.mixer): ``{"S": f32[B, H, K, V], "conv": {name:
+[B, W − 1, C]}}``; its size does not grow with ``max_len``."""
 
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float
 
 from pmem.core import accounting
 from pmem.core.mixer import TokenContext
 from pmem.core.rules import constrain
 from pmem.layers import recurrence
+from pmem.layers.conv import ShortConv
 from pmem.layers.init import fan_in_normal
 from kernels.common import accumulator, widen
-
-
-class ShortConv(nnx.Module):
-  """``y_t = Σ_{j<W} w_j ⊙ x_{t−j}`` over ``j <= position_t`` (no tap across a document start)."""
-
-  def __init__(self, channels: int, width: int = 4, *, rngs: nnx.Rngs):
-    self.channels, self.width = channels, width
-    self.w = nnx.Param(jax.random.normal(rngs.params(), (width, channels)) / math.sqrt(width), axes=(None, None))
-
-  def __call__(self, x: Float[Array, "B T C"], positions: Int[Array, "B T"],
-               tail: Float[Array, "B L C"] | None = None) -> tuple[Float[Array, "B T C"], Float[Array, "B L C"]]:
-    """``(y, tail')``; ``tail``: the ``L = W − 1`` inputs before ``x`` (decode state; zeros for whole
-    documents), ``tail'`` the last ``L`` of ``tail ++ x``."""
-    (b, t, c), lead = x.shape, self.width - 1
-    w = self.w[...].astype(x.dtype)
-    full = jnp.concatenate([jnp.zeros((b, lead, c), x.dtype) if tail is None else tail.astype(x.dtype), x], 1)
-    y = sum(jnp.where((positions >= j)[..., None], full[:, lead - j:lead - j + t], 0) * w[j] for j in range(self.width))
-    return y, full[:, t:]
-
-  def cost(self, seq_len: int) -> accounting.Cost:
-    n = self.width * self.channels
-    return accounting.Cost(params=n, active_params=n, flops=2 * n, bytes_read=4 * n)
 
 
 def recur(q, k, v, a, beta, ctx: TokenContext, S, chunk: int):
