@@ -20,15 +20,16 @@ import configs
 from configs import cli
 
 
-def _callables(value):
+def _buildables(value):
+  """Every Buildable under ``value`` (tuples, lists and dicts followed), outermost first."""
   if isinstance(value, fdl.Buildable):
-    yield fdl.get_callable(value)
+    yield value
     value = list(fdl.ordered_arguments(value).values())
   if isinstance(value, dict):
     value = list(value.values())
   if isinstance(value, (list, tuple)):
     for v in value:
-      yield from _callables(v)
+      yield from _buildables(v)
 
 
 @functools.cache
@@ -38,23 +39,16 @@ def config(name: str) -> fdl.Config:
 
 @functools.cache
 def classes(name: str) -> frozenset[type]:
-  return frozenset(c for c in _callables(config(name).model) if isinstance(c, type) and issubclass(c, nnx.Module))
-
-
-def _windowed(value) -> bool:
-  """Some attention under ``value`` has a sliding window (its cache is a ring of ``window`` slots)."""
-  if isinstance(value, fdl.Buildable):
-    return fdl.ordered_arguments(value).get("window") is not None or _windowed(list(fdl.ordered_arguments(value).values()))
-  if isinstance(value, dict):
-    value = list(value.values())
-  return isinstance(value, (list, tuple)) and any(_windowed(v) for v in value)
+  return frozenset(c for c in map(fdl.get_callable, _buildables(config(name).model))
+                   if isinstance(c, type) and issubclass(c, nnx.Module))
 
 
 @functools.cache
 def state_kinds(name: str) -> frozenset:
   kinds = {next(k for k in c.__mro__ if "init_state" in vars(k)) for c in classes(name)
            if callable(getattr(c, "init_state", None))}
-  return frozenset(kinds | ({"ring"} if _windowed(config(name).model) else set()))
+  ring = any(fdl.ordered_arguments(b).get("window") is not None for b in _buildables(config(name).model))
+  return frozenset(kinds | ({"ring"} if ring else set()))  # an attention with a window: its cache a ring
 
 
 def layered(name: str) -> bool:
