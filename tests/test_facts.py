@@ -38,6 +38,7 @@ CASES = {
     "pkm": ("fiddler:pkm",),
     "memory_plus": ("fiddler:memory_plus(shared_values=True)",),
     "mixer": ("fiddler:mixer(name='gdn')",),
+    "titans": ("fiddler:mixer(name='titans')", "fiddler:titans(depth=1, momentum=False)"),
     "swa": ("fiddler:swa(window=8)",),
     "hybrid": ("fiddler:hybrid(pattern='GA', G='mamba2')",),
     "lora": ("fiddler:lora(rank=4)",),

@@ -11,6 +11,8 @@ tokens see, so it attends over the old slots and the chunk, then writes its last
 Without ``window`` the caller keeps ``end + T <= max_len`` (the generator checks it).
 
 ``qkv_bias`` adds biases to the q, k and v projections (Qwen2; zero at init), none to the output.
+``persistent``: that many learned key / value pairs (Titans' persistent memory, arXiv 2501.00663 eq. 19, as
+input-independent tokens before every sequence) that every query sees, un-roped, besides its mask's keys.
 ``adapter``: LoRA / DoRA on the projections it targets (pmem.layers.adapters).
 ``kernel_impl`` (the model's, ``DecoderConfig.kernel_impl``): the no-cache call (training, a whole forward)
 runs ``kernels.attention`` with that implementation where the op has it and it runs this layer (``"native"``,
@@ -25,7 +27,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from kernels.attention import IMPLEMENTATIONS as KERNELS, attention
-from kernels.attention.xla import dot_product_attention
+from kernels.attention.xla import dot_product_attention, segment_causal_mask
 from kernels.common import Unavailable
 from pmem.core import accounting
 from pmem.core.registry import SEQUENCE_MIXERS
@@ -52,7 +54,7 @@ class Attention(nnx.Module):
   def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int | None = None,
                rope_theta: float = 10000.0, window: int | None = None, out_scale: float = 1.0,
                dtype: str = "float32", qkv_bias: bool = False, adapter: adapters.AdapterConfig | None = None,
-               kernel_impl: str = "xla", *, rngs: nnx.Rngs):
+               kernel_impl: str = "xla", persistent: int = 0, *, rngs: nnx.Rngs):
     if n_heads % n_kv_heads:
       raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}")
     if window is not None and window < 1:
@@ -72,6 +74,10 @@ class Attention(nnx.Module):
       self.bk = nnx.Param(jnp.zeros((n_kv_heads, h), jnp.float32), axes=("kv_heads", "head_dim"))
       self.bv = nnx.Param(jnp.zeros((n_kv_heads, h), jnp.float32), axes=("kv_heads", "head_dim"))
     self.adapters = adapters.build(adapter, self, tuple(self.AXES), rngs=rngs)
+    self.persistent = persistent
+    if persistent:
+      self.pk, self.pv = (nnx.Param(jax.random.normal(k(), (persistent, n_kv_heads, h)), axes=(None, "kv_heads", "head_dim"))
+                          for _ in range(2))
 
   AXES = {"wq": ("embed", "heads"), "wk": ("embed", "kv_heads"), "wv": ("embed", "kv_heads"), "wo": ("heads", "embed")}
 
@@ -105,7 +111,9 @@ class Attention(nnx.Module):
     q = constrain(apply_rope(q, ctx.positions, self.rope_theta), ("batch", "length", "act_heads", None))
     k = constrain(apply_rope(k, ctx.positions, self.rope_theta), ("batch", "length", "act_kv_heads", None))
     v = constrain(v, ("batch", "length", "act_kv_heads", None))
-    if state is None:
+    if state is None and self.persistent:
+      o = self._attend(q, k, v, segment_causal_mask(ctx.segment_ids, ctx.positions, self.window))
+    elif state is None:
       try:
         o = attention(q, k, v, ctx.segment_ids, ctx.positions, self.window, implementation=self.kernel_impl)
       except Unavailable:  # the named kernel refuses this layer (module docstring)
@@ -113,19 +121,28 @@ class Attention(nnx.Module):
     elif t == 1 or self.window is None:  # the new tokens overwrite no slot they could see: write, then read
       state = self._write(state, k, v, ctx)
       mask = cache_mask(ctx.positions, ctx.segment_ids, state["pos"], state["seg"], self.window)
-      o = dot_product_attention(q, state["k"].astype(dt), state["v"].astype(dt), mask)
+      o = self._attend(q, state["k"].astype(dt), state["v"].astype(dt), mask)
     else:  # a chunk longer than one token into a ring: attend over the old slots and the chunk
       c = state
       keys = jnp.concatenate([c["k"], k.astype(c["k"].dtype)], 1).astype(dt)
       vals = jnp.concatenate([c["v"], v.astype(c["v"].dtype)], 1).astype(dt)
       mask = cache_mask(ctx.positions, ctx.segment_ids, jnp.concatenate([c["pos"], ctx.positions], 1),
                         jnp.concatenate([c["seg"], ctx.segment_ids], 1), self.window)
-      o = dot_product_attention(q, keys, vals, mask)
+      o = self._attend(q, keys, vals, mask)
       state = self._write(c, k, v, ctx)
     o = constrain(o, ("batch", "length", "act_heads", None))
     y = adapters.project(self, "wo", o.reshape(b * t, n * h), ctx.rng)
     y = constrain(y.reshape(b, t, d), ("batch", "length", "embed"))
     return y if state is None else (y, state)
+
+  def _attend(self, q, k, v, mask):
+    """:func:`dot_product_attention` over the persistent pairs (every query sees them) and ``k, v`` under ``mask``."""
+    if self.persistent:
+      b, t, n = q.shape[0], q.shape[1], self.persistent
+      lead = lambda p: jnp.broadcast_to(p[...].astype(k.dtype), (b, *p.shape))  # noqa: E731
+      k, v = jnp.concatenate([lead(self.pk), k], 1), jnp.concatenate([lead(self.pv), v], 1)
+      mask = jnp.concatenate([jnp.ones((b, 1, t, n), bool), mask], -1)
+    return dot_product_attention(q, k, v, mask)
 
   @staticmethod
   def _write(c: dict, k: jax.Array, v: jax.Array, ctx: TokenContext) -> dict:
@@ -156,4 +173,5 @@ class Attention(nnx.Module):
     # min(t + 1, window) over the sequence
     w = self.window
     keys2 = seq_len if w is None or w >= seq_len else (w * (w + 1) + 2 * w * (seq_len - w)) // seq_len
-    return proj + accounting.Cost(flops=2 * keys2 * n * h)
+    persistent = accounting.vector(2 * self.persistent * nkv * h) + accounting.Cost(flops=4 * self.persistent * n * h)
+    return proj + persistent + accounting.Cost(flops=2 * keys2 * n * h)
