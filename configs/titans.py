@@ -20,10 +20,12 @@ def titans(cfg: fdl.Config, momentum: bool = True, decay: bool = True, depth: in
   found = False
   for b in [cfg.model.sequence_mixer, *(o.sequence_mixer for o in cfg.model.overrides)]:
     if fdl.get_callable(b) is MemoryAsGate:
-      b.persistent = persistent
+      b.persistent, b.chunk = persistent, chunk
     target = b.memory if fdl.get_callable(b) is MemoryAsGate else b
     if isinstance(target, fdl.Buildable) and fdl.get_callable(target) is NeuralMemory:
-      target.momentum, target.decay, target.depth, target.chunk, found = momentum, decay, depth, chunk, True
+      target.momentum, target.decay, target.depth, found = momentum, decay, depth, True
+      if target is b:
+        target.chunk = chunk
   if not found:
     raise ValueError("fiddler:titans: the config has no Titans memory (start from config:titans_*_tiny)")
 

@@ -150,7 +150,8 @@ def test_mixer_prefill_then_decode_equals_whole_documents(name):
   real = seg > 0
   inc = np.asarray(jnp.concatenate(out, 1))
   close(inc[real], np.asarray(whole)[real], terms=t + d)
-  assert jax.tree.leaves(state)[0].shape[0] == 2 and all(np.isfinite(np.asarray(s)).all() for s in jax.tree.leaves(state))
+  leaves = jax.tree.leaves(state)  # per-row arrays (a composite's state may hold a scalar counter: a KV cache's end)
+  assert all(s.shape[0] == 2 for s in leaves if s.ndim) and all(np.isfinite(np.asarray(s)).all() for s in leaves)
 
 
 @pytest.mark.parametrize("name", ["gdn", "mamba2"])

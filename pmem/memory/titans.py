@@ -211,15 +211,16 @@ class NeuralMemory(nnx.Module):
 class MemoryAsGate(nnx.Module):
   """Memory as a gate (§4.2, eq. 26-28): sliding-window attention and the LMM read the same input in parallel,
   combined as ``o = RMS(y_attn)·γ_a ⊙ σ(RMS(y_mem)·γ_m)`` (the normalised memory branch gates the attention);
-  ``persistent``: the attention's persistent memory pairs (eq. 19; 0: none); ``memory``: the LMM's factory (its
-  knobs: a ``fdl.Partial(NeuralMemory, ...)``)."""
+  ``persistent``: the attention's persistent memory pairs (eq. 19; 0: none); ``chunk``: the LMM's memory chunk;
+  ``memory``: the LMM's factory (its other knobs: a ``fdl.Partial(NeuralMemory, ...)``)."""
 
   def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, window: int = 16,
-               persistent: int = 4, memory: Callable[..., NeuralMemory] = NeuralMemory, out_scale: float = 1.0,
+               persistent: int = 4, chunk: int = 16, memory: Callable[..., NeuralMemory] = NeuralMemory,
+               out_scale: float = 1.0,
                dtype: str = "float32", kernel_impl: str = "xla", *, rngs: nnx.Rngs):
     self.attn = Attention(d_model, n_heads, n_kv_heads or n_heads, window=window, out_scale=out_scale, dtype=dtype,
                           kernel_impl=kernel_impl, persistent=persistent, rngs=rngs)
-    self.lmm = memory(d_model=d_model, n_heads=n_heads, out_scale=out_scale, dtype=dtype, rngs=rngs)
+    self.lmm = memory(d_model=d_model, n_heads=n_heads, chunk=chunk, out_scale=out_scale, dtype=dtype, rngs=rngs)
     self.g_attn = nnx.Param(jnp.ones((d_model,)), axes=("embed",))
     self.g_mem = nnx.Param(jnp.ones((d_model,)), axes=("embed",))
 
