@@ -212,14 +212,14 @@ def test_ablation_fiddler_reaches_every_memory():
     cli.build_config(["config:tiny", "fiddler:titans"])
 
 
-def test_no_momentum_no_decay_is_plain_gradient_descent():
-  """momentum=False, decay=False: ``W_t = W_{t−1} − θ_t g_t`` (the transcription with η = α = 0)."""
+def test_no_momentum_no_decay_zero_their_gates():
+  """momentum=False, decay=False: ``η = α = 0`` (``W_t = W_{t−1} − θ_t g_t``, the transcription's case above with
+  those gates), θ untouched."""
   with jax.enable_x64(True):
     m = layer(chunk=1, momentum=False, decay=False)
-    x = list(data())
-    y, _ = run(m, *x)  # memory() takes the gates as given: the knobs act in inputs(), so check them there
+    pos, seg = data()[-2:]
     xin = jnp.asarray(np.random.default_rng(3).standard_normal((B, T, 8)))
-    ctx = TokenContext(jnp.zeros((B, T), jnp.int32), jnp.asarray(x[-2], jnp.int32), jnp.asarray(x[-1], jnp.int32))
+    ctx = TokenContext(jnp.zeros((B, T), jnp.int32), jnp.asarray(pos, jnp.int32), jnp.asarray(seg, jnp.int32))
     _, _, _, theta, eta, alpha, _ = m.inputs(xin, ctx)
   assert not np.asarray(eta).any() and not np.asarray(alpha).any() and np.asarray(theta).min() > 0
 
