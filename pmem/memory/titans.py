@@ -39,16 +39,13 @@ from pmem.core.registry import SEQUENCE_MIXERS
 from pmem.core.rules import constrain
 from pmem.layers.attention import Attention
 from pmem.layers.conv import ShortConv
+from pmem.layers.deltanet import _l2  # the L2 norm of DeltaNet's q and k
 from pmem.layers.init import fan_in_normal
 from pmem.layers.linear_recurrence import head_rms
 from pmem.layers.recurrence import doc_starts
 
 # gate biases at init: θ = σ(−2)·max_lr ≈ 0.12, η = σ(2) ≈ 0.88, α = σ(−4) ≈ 0.018
 GATE_BIAS = (-2.0, 2.0, -4.0)
-
-
-def _l2(x, eps: float = 1e-6):
-  return x * jax.lax.rsqrt(jnp.sum(x * x, -1, keepdims=True) + eps)
 
 
 def memory_apply(Ws: tuple, x: Float[Array, " K"], ln=None, eps: float = 1e-6) -> Float[Array, " K"]:
