@@ -96,8 +96,8 @@ RULES: dict[Any, dict[str, Rule]] = {  # config class -> field -> rule
 # arguments of module constructors and other factories, by name: widths, counts and sizes
 MODULE_RULES = {**dict.fromkeys(("vocab", "d_model", "d_ff", "d_mem", "d_k", "d_v", "head_dim", "n_heads", "n_kv_heads",
                                  "heads", "n_keys", "n_slots", "k", "branches", "max_order", "gate_channels",
-                                 "table_sizes"), SIZE),
-                "rope_theta": POSITIVE, "eps": POSITIVE}
+                                 "table_sizes", "n_memories", "topk"), SIZE),
+                "rope_theta": POSITIVE, "eps": POSITIVE, "balance": OFF_OR_MORE}
 
 
 def _rule(fn, name: str) -> Rule | None:

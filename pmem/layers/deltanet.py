@@ -45,16 +45,19 @@ class GatedDeltaNet(DeltaNet):
                out_scale: float = 1.0, dtype: str = "float32", *, rngs: nnx.Rngs):
     super().__init__(d_model, n_heads, head_dim, conv, chunk, out_scale, dtype, rngs=rngs, gate=True)
     p = rngs.params
-    self.w_alpha = nnx.Param(fan_in_normal(p(), (d_model, n_heads), d_model), axes=("embed", None))
+    self.w_alpha = nnx.Param(fan_in_normal(p(), (d_model, self.memories * n_heads), d_model), axes=("embed", None))
     self.A_log = nnx.Param(jnp.log(jax.random.uniform(p(), (n_heads,), minval=1.0, maxval=16.0)), axes=(None,))
     self.dt_bias = nnx.Param(dt_bias_init(p(), n_heads), axes=(None,))
 
-  def decay(self, x2, b, t):
-    z = widen(x2 @ self.w_alpha[...].astype(x2.dtype)) + self.dt_bias[...]
-    return (-jnp.exp(self.A_log[...]) * jax.nn.softplus(z)).reshape(b, t, self.n_heads)
+  def decay(self, x2, b, t):  # [B, T, M·H]: A_log and dt_bias shared by the memories (fla's MoM)
+    z = widen(x2 @ self.w_alpha[...].astype(x2.dtype)).reshape(b, t, -1, self.n_heads) + self.dt_bias[...]
+    return (-jnp.exp(self.A_log[...]) * jax.nn.softplus(z)).reshape(b, t, -1)
 
   def cost(self, seq_len: int) -> accounting.Cost:
-    return super().cost(seq_len) + accounting.dense(self.d_model, self.n_heads) + accounting.vector(2 * self.n_heads)
+    return super().cost(seq_len) + accounting.vector(2 * self.n_heads)
+
+  def memory_cost(self, seq_len: int) -> accounting.Cost:
+    return super().memory_cost(seq_len) + accounting.dense(self.d_model, self.memories * self.n_heads)
 
 
 def dt_bias_init(key, n: int, lo: float = 1e-3, hi: float = 0.1):

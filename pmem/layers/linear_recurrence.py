@@ -51,9 +51,12 @@ class LinearRecurrence(nnx.Module):
   output gate and the output projection. Subclasses choose ``φ`` (:meth:`features`), the log decay
   (:meth:`decay`: None, ``[B, T, H]`` or ``[B, T, H, K]``) and the delta rule (``delta``: a
   ``β = σ(x W_β)`` per head); ``conv``: a short conv + SiLU on q, k and v (DeltaNet's). ``q`` is
-  scaled by ``K^-1/2``."""
+  scaled by ``K^-1/2``. ``memories`` M > 1 (Mixture-of-Memories, ``pmem/layers/mom.py``): k, v, β and
+  the decay are projected (and convolved) per memory, ``[B, T, M·H, ·]`` memory-major, the state holds
+  ``M·H`` heads, q is shared and :meth:`mix` combines the memories."""
 
   delta = False
+  memories = 1
 
   def __init__(self, d_model: int, n_heads: int, head_dim: int | None = None, value_dim: int | None = None,
                conv: int = 0, gate: bool = False, chunk: int = 64, out_scale: float = 1.0,
@@ -65,29 +68,35 @@ class LinearRecurrence(nnx.Module):
     self.chunk, self.dtype, self.gate = chunk, jnp.dtype(dtype), gate
     p = rngs.params
     self.wq = nnx.Param(fan_in_normal(p(), (d_model, n_heads * kd), d_model), axes=("embed", "heads"))
-    self.wk = nnx.Param(fan_in_normal(p(), (d_model, n_heads * kd), d_model), axes=("embed", "heads"))
-    self.wv = nnx.Param(fan_in_normal(p(), (d_model, n_heads * vd), d_model), axes=("embed", "heads"))
+    m = self.memories
+    self.wk = nnx.Param(fan_in_normal(p(), (d_model, m * n_heads * kd), d_model), axes=("embed", "heads"))
+    self.wv = nnx.Param(fan_in_normal(p(), (d_model, m * n_heads * vd), d_model), axes=("embed", "heads"))
     self.wo = nnx.Param(fan_in_normal(p(), (n_heads * vd, d_model), n_heads * vd, out_scale), axes=("heads", "embed"))
     self.norm = nnx.Param(jnp.ones((vd,)), axes=(None,))
     if gate:
       self.wg = nnx.Param(fan_in_normal(p(), (d_model, n_heads * vd), d_model), axes=("embed", "heads"))
     if self.delta:
-      self.wb = nnx.Param(fan_in_normal(p(), (d_model, n_heads), d_model), axes=("embed", None))
-    self.convs = nnx.Dict({n: ShortConv(n_heads * w, conv, rngs=rngs) for n, w in (("q", kd), ("k", kd), ("v", vd))}
-                          if conv else {})
+      self.wb = nnx.Param(fan_in_normal(p(), (d_model, m * n_heads), d_model), axes=("embed", None))
+    self.convs = nnx.Dict({n: ShortConv(c, conv, rngs=rngs) for n, c in (("q", n_heads * kd), ("k", m * n_heads * kd),
+                                                                        ("v", m * n_heads * vd))} if conv else {})
 
   def features(self, q, k):
     """``φ(q), φ(k)`` (``[B, T, H, K]``): the identity here."""
     return q, k
 
   def decay(self, x2: Float[Array, "N D"], b: int, t: int):
-    """The log decay ``a <= 0`` (``[B, T, H]`` or ``[B, T, H, K]``) or None (no decay)."""
+    """The log decay ``a <= 0`` (``[B, T, M·H]`` or ``[B, T, H, K]``) or None (no decay)."""
     del x2, b, t
     return None
 
+  def mix(self, x2: Float[Array, "N D"], q, k, v, a, beta, ctx: TokenContext, S):
+    """The recurrence over the call (:func:`recur`; ``q`` scaled) → ``(o [B, T, H, V], S')``."""
+    del x2
+    return recur(q, k, v, a, beta, ctx, S, self.chunk)
+
   def init_state(self, batch: int, max_len: int, dtype: str = "float32") -> dict:
     del max_len
-    s = {"S": jnp.zeros((batch, self.n_heads, self.head_dim, self.value_dim), accumulator(dtype))}
+    s = {"S": jnp.zeros((batch, self.memories * self.n_heads, self.head_dim, self.value_dim), accumulator(dtype))}
     s["conv"] = {n: jnp.zeros((batch, c.width - 1, c.channels), dtype) for n, c in self.convs.items()}
     return s
 
@@ -100,12 +109,12 @@ class LinearRecurrence(nnx.Module):
     for n, c in self.convs.items():
       y, tails[n] = c(proj[n], ctx.positions, None if state is None else state["conv"][n])
       proj[n] = jax.nn.silu(y)
-    q, k = self.features(proj["q"].reshape(b, t, h, kd), proj["k"].reshape(b, t, h, kd))
-    v = proj["v"].reshape(b, t, h, vd)
+    q, k = self.features(proj["q"].reshape(b, t, h, kd), proj["k"].reshape(b, t, -1, kd))
+    v = proj["v"].reshape(b, t, -1, vd)
     a = self.decay(x2, b, t)
-    a = jnp.zeros((b, t, h), accumulator(dt)) if a is None else a
-    beta = jax.nn.sigmoid(x2 @ self.wb[...].astype(dt)).reshape(b, t, h) if self.delta else None
-    o, S = recur(q * kd ** -0.5, k, v, a, beta, ctx, None if state is None else state["S"], self.chunk)
+    a = jnp.zeros((b, t, self.memories * h), accumulator(dt)) if a is None else a
+    beta = jax.nn.sigmoid(x2 @ self.wb[...].astype(dt)).reshape(b, t, -1) if self.delta else None
+    o, S = self.mix(x2, q * kd ** -0.5, k, v, a, beta, ctx, None if state is None else state["S"])
     o = head_rms(o, self.norm[...])
     if self.gate:
       o = o * jax.nn.silu(x2 @ self.wg[...].astype(dt)).reshape(b, t, h, vd)
@@ -116,13 +125,21 @@ class LinearRecurrence(nnx.Module):
     return y, {"S": S, "conv": {n: tails[n].astype(state["conv"][n].dtype) for n in tails}}
 
   def cost(self, seq_len: int) -> accounting.Cost:
-    """Projections, convs, and per token the chunked form's matmuls: the state read and write
-    (2·K·V each per head) and the intra-chunk scores and values (C/2 keys on average, K + V)."""
+    """The shared parts (q and its conv, the output gate, norm and projection) and :meth:`memory_cost`."""
     d, h, kd, vd = self.d_model, self.n_heads, self.head_dim, self.value_dim
-    c = 2 * accounting.dense(d, h * kd) + 2 * accounting.dense(d, h * vd) + accounting.vector(vd)
+    c = accounting.dense(d, h * kd) + accounting.dense(h * vd, d) + accounting.vector(vd)
     c = c + (accounting.dense(d, h * vd) if self.gate else accounting.Cost())
-    c = c + (accounting.dense(d, h) if self.delta else accounting.Cost())
-    c = sum((m.cost(seq_len) for m in self.convs.values()), c)
+    c = c + (self.convs["q"].cost(seq_len) if self.convs else accounting.Cost())
+    return c + self.memory_cost(seq_len)
+
+  def memory_cost(self, seq_len: int) -> accounting.Cost:
+    """The M memories' part, M times one memory's (every field): the k, v (and β) projections, their convs,
+    and per token the chunked form's matmuls: the state read and write (2·K·V each per head) and the
+    intra-chunk scores and values (C/2 keys on average, K + V)."""
+    d, h, kd, vd, m = self.d_model, self.n_heads, self.head_dim, self.value_dim, self.memories
+    c = accounting.dense(d, m * h * kd) + accounting.dense(d, m * h * vd)
+    c = c + (accounting.dense(d, m * h) if self.delta else accounting.Cost())
+    c = sum((self.convs[n].cost(seq_len) for n in ("k", "v") if n in self.convs), c)
     keys = min(self.chunk, seq_len) / 2
     per_head = 2 * (2 * kd * vd) + 2 * keys * (kd + vd) + (2 * 2 * kd * vd if self.delta else 0)
-    return c + accounting.Cost(flops=int(h * per_head))
+    return c + accounting.Cost(flops=m * int(h * per_head))

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from pmem.core import accounting, mixer
+from pmem.core import accounting, auxiliary, mixer
 from pmem.core.variables import name_of
 from pmem.core.registry import CHANNEL_MIXERS, SEQUENCE_MIXERS, unknown
 from pmem.core.rules import constrain
@@ -268,8 +268,8 @@ class Stage(nnx.Module):
     def apply(block, h, c, layer):  # ``layer``: the block's index in the model (its dropout key)
       cx = ctx.folded(layer)
       return block(h, cx) if c is None else block(h, cx, c)
-    if self.remat:
-      apply = jax.checkpoint(apply, policy=self.policy)
+    if self.remat:  # the auxiliary losses a block adds leave the checkpoint as an output (pmem.core.auxiliary)
+      apply = auxiliary.through(functools.partial(jax.checkpoint, policy=self.policy), apply)
 
     def run(unit, h, c, layer):  # one repetition (a block, or each block of a period in turn)
       if not isinstance(unit, Period):
@@ -300,12 +300,13 @@ class Stage(nnx.Module):
         x = r if cache is None else r[0]
         out.append(None if cache is None else r[1])
       return x if cache is None else (x, jax.tree.map(lambda *a: jnp.stack(a), *out))
-    if cache is None:
-      x, _ = jax.lax.scan(lambda h, s: (run(nnx.merge(graphdef, s[0]), h, None, s[1]), None), x, (state, first),
-                          unroll=self.scan_unroll)
-      return x
-    return jax.lax.scan(lambda h, s: run(nnx.merge(graphdef, s[0]), h, s[1], s[2]), x, (state, cache, first),
-                        unroll=self.scan_unroll)
+
+    def body(h, s):  # one repetition; its auxiliary losses leave the scan stacked per repetition
+      r, losses = auxiliary.within(run)(nnx.merge(graphdef, s[0]), h, s[1], s[2])
+      return (r, (None, losses)) if cache is None else (r[0], (r[1], losses))
+    x, (new, losses) = jax.lax.scan(body, x, (state, cache, first), unroll=self.scan_unroll)
+    auxiliary.add_all(losses, axis=0)  # summed over the layers
+    return x if cache is None else (x, new)
 
   def cost(self, seq_len: int) -> accounting.Cost:
     unit = self.blocks if self.scan else self.blocks[0]  # costs depend on static sizes only

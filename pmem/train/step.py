@@ -13,6 +13,7 @@ from flax import nnx
 from pmem.data.pipeline import FIELDS
 from pmem.layers.embed import trusted_ids
 from pmem.memory import diagnostics, lookup
+from pmem.core import auxiliary
 from pmem.core.mixer import TokenContext
 from pmem.train import optim, sparse
 from pmem.train.loss import linear_lm_loss, lm_loss
@@ -28,15 +29,20 @@ def context(batch, rng: jax.Array | None = None) -> TokenContext:
 
 def forward_loss(graphdef: nnx.GraphDef, params, rest, batch, z_loss: float, rng: jax.Array | None = None,
                  loss_chunk: int = 0):
-  """(loss, aux) of a batch; ``loss_chunk`` > 0: the output head and cross-entropy fused, that many
-  positions at a time (pmem.train.loss.linear_lm_loss), else from the whole logits."""
+  """(loss, aux) of a batch: the LM loss plus every auxiliary loss the modules added (pmem.core.auxiliary),
+  ``aux`` = {ce, z, tokens, aux: {name: value}}; ``loss_chunk`` > 0: the output head and cross-entropy
+  fused, that many positions at a time (pmem.train.loss.linear_lm_loss), else from the whole logits."""
   model = nnx.merge(graphdef, params, rest)
   ctx = context(batch, rng)
-  with trusted_ids():  # Trainer.to_device checked them on the host
+  with trusted_ids(), auxiliary.collect() as extra:  # Trainer.to_device checked the ids on the host
     if not loss_chunk:
-      return lm_loss(model(batch["inputs"], ctx), batch["targets"], batch["loss_mask"], z_loss)
-    h, _ = model.hidden(batch["inputs"], ctx)
-  return linear_lm_loss(h, model.unembed(), batch["targets"], batch["loss_mask"], z_loss, loss_chunk)
+      loss, out = lm_loss(model(batch["inputs"], ctx), batch["targets"], batch["loss_mask"], z_loss)
+    else:
+      h, _ = model.hidden(batch["inputs"], ctx)
+      loss, out = linear_lm_loss(h, model.unembed(), batch["targets"], batch["loss_mask"], z_loss, loss_chunk)
+  if extra:
+    loss = loss + sum(extra.values())
+  return loss, {**out, "aux": dict(extra)}
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optim.Optimizer, lr: optax.Schedule, z_loss: float,
@@ -45,7 +51,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optim.Optimizer, lr: optax.Sched
   parameters ``trainable`` (glob patterns over their paths, :func:`optim.trainable`) are
   differentiated and updated; ``train_state["opt"]`` covers only them and ``grad_norm`` / ``param_norm``
   are theirs. The model's noise key (adapter dropout) is ``fold_in(key(seed), step)``: a function of
-  the step alone, so a resumed run draws the same masks. ``loss_chunk``: :func:`forward_loss`.
+  the step alone, so a resumed run draws the same masks. ``loss_chunk``: :func:`forward_loss`. The metrics
+  hold each auxiliary loss a module added (pmem.core.auxiliary) under its name, besides ``ce`` and ``z``.
 
   Row-sparse tables (``tx.row_sparse``) are differentiated through their reads and updated in
   place on the rows the batch touched (:mod:`pmem.train.sparse`); for them ``grad_norm`` counts
@@ -66,6 +73,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optim.Optimizer, lr: optax.Sched
     params = tx.apply_updates(params, updates)
     metrics = {"loss": loss, "ce": aux["ce"], "z": aux["z"], "grad_norm": tx.grad_norm(grads, host),
                "learning_rate": lr(train_state["step"]), "param_norm": tx.param_norm(params, updates)}
+    if clash := set(aux["aux"]) & set(metrics):
+      raise ValueError(f"auxiliary losses named {sorted(clash)} shadow the step's metrics; rename them")
+    metrics.update(aux["aux"])  # each auxiliary loss, summed over its layers (loss = ce + z_loss * z + their sum)
     new = {"params": nnx.merge_state(params, frozen), "rest": train_state["rest"], "opt": opt,
            "step": train_state["step"] + 1}
     if not tx.host:
