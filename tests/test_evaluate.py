@@ -136,6 +136,25 @@ def test_task_configs_train_and_report(name, sets, key):
     assert all(g for g, sc in zip(generated, scores) if sc.correct)  # teacher-forced correct: generated too
 
 
+def test_probes_beyond_the_trained_length_are_scored_in_longer_rows():
+  """MQAR and passkey at eval lengths 2x / 4x the trained one: rows as long as the probe, the same scores as a
+  model trained with that seq_len would give the same probes (the same initial weights: neither trains)."""
+  sets = ["set:train.steps=1", "set:data.mqar.n_train=16", "set:data.mqar.n_test=8", "set:model.vocab=512",
+          "set:data.mqar.seq_len=32", "set:train.seq_len=32", "set:train.batch_size=4"]
+  t = trainer("mqar_small", *sets, "set:data.mqar.eval_lengths=(64, 128)")
+  s = t.evaluate()
+  assert {"mqar/acc", "mqar/acc/length/64", "mqar/acc/length/128"} <= set(s)
+  m = t.data.tasks["mqar"]
+  ex = [m.example("test", i, 128) for i in range(8)]
+  hits = [h for _, h in t.evaluator._spans([(x["tokens"], x["mask"]) for x in ex], "mqar", True)]
+  assert s["mqar/acc/length/128"] == sum(int(h.sum()) for h in hits) / (8 * m.cfg.num_kv_pairs)
+  wide = trainer("mqar_small", *sets[:-2], "set:train.seq_len=128", "set:train.batch_size=4")
+  ref = [h for _, h in wide.evaluator._spans([(x["tokens"], x["mask"]) for x in ex], "mqar")]
+  assert all(np.array_equal(a, b) for a, b in zip(hits, ref))
+  with pytest.raises(ValueError, match="raise train.seq_len"):  # probes at the trained length still must fit
+    list(t.evaluator._spans([(x["tokens"], x["mask"]) for x in ex], "mqar"))
+
+
 def test_text_eval_bits_per_byte_and_tensorboard(tmp_path):
   t = Trainer(fdl.build(cli.build_config(["config:tiny", "set:train.steps=2", "set:train.progress=False",
                                           "set:eval.valid_batches=2"])), workdir=str(tmp_path))

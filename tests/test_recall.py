@@ -18,7 +18,9 @@ def test_recall_quick(tmp_path):
   assert (mq["d_model"], mq["kv"], mq["T"], mq["steps"]) == (*recall.QUICK_SETTINGS[0], 3)
   assert (pk["kv"], pk["acc_far"] is not None) == (None, True)
   for x in rows:
-    assert all(isinstance(x[k], float) and 0 <= x[k] <= 1 for k in ("acc", "acc_far") if x[k] is not None)
+    grown = [f"acc_{g}x" for g in recall.GROW]  # evaluated beyond the trained length too
+    assert all(isinstance(x[k], float) and 0 <= x[k] <= 1 for k in ("acc", *grown))
+    assert x["acc_far"] is None or 0 <= x["acc_far"] <= 1
     assert isinstance(x["wall_s"], float) and math.isfinite(x["wall_s"])
     summary = json.loads((tmp_path / x["task"] / x["variant"] / "seed0" / "summary.json").read_text())
     assert x["state_bytes"] == summary["decode_state_bytes_per_sequence"] > 0
@@ -27,7 +29,7 @@ def test_recall_quick(tmp_path):
     table = list(csv.DictReader(f))
   assert [(t["task"], t["mixer"], t["T"]) for t in table] == [(x["task"], x["mixer"], str(x["T"])) for x in rows]
   md = (tmp_path / "results.md").read_text()
-  assert md == f"# recall\n\n{recall.table(rows)}\n" and "| attention | tiny |" in md
+  assert md == f"# recall\n\n{recall.table(rows)}\n" and "| attention | tiny |" in md and "Length generalization" in md
   assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
   assert [line[:4] for line in r.stdout.splitlines() if line.startswith("(")] == ["(a) ", "(b) ", "(c) "]
 

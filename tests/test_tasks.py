@@ -155,6 +155,37 @@ def test_mqar_query_gaps_follow_the_power_law():
   assert g.min() >= 0 and g.max() < space and g.mean() < 0.8 * (space - 1) / 2  # uniform would give (space-1)/2
 
 
+def test_mqar_eval_lengths_draw_longer_test_sequences_of_the_same_task():
+  cfg = MqarConfig(vocab_size=512, seq_len=64, eval_lengths=(128, 256))
+  m, kv = Mqar(cfg), cfg.num_kv_pairs
+  assert np.array_equal(m.example("test", 3)["tokens"], Mqar(MqarConfig()).example("test", 3)["tokens"])
+  for t in (128, 256):
+    ex = [m.example("test", i, t) for i in range(100)]
+    assert all(x["tokens"].shape == x["mask"].shape == (t + 1,) and x["mask"].sum() == kv for x in ex)
+    far = max(np.flatnonzero(x["mask"]).max() for x in ex)
+    assert far > 64  # queries reach past the trained length
+    assert not np.array_equal(ex[0]["tokens"][:65], m.example("test", 0)["tokens"])  # its own rng stream
+  assert m.report(1, 4, 128) == {"mqar/acc/length/128": 0.25} and m.report(1, 4, 64) == {"mqar/acc": 0.25}
+  with pytest.raises(ValueError, match="no length 96"):
+    m.example("test", 0, 96)
+  assert Mqar(MqarConfig(vocab_size=64, seq_len=32, eval_lengths=(128,))).example("test", 0, 128)["tokens"].max() < 64
+  with pytest.raises(ValueError, match="4 \\* num_kv_pairs <= seq_len"):
+    Mqar(MqarConfig(seq_len=64, num_kv_pairs=4, eval_lengths=(8,)))
+
+
+def test_passkey_eval_lengths_are_probed_not_trained_and_reported_per_length():
+  task = Passkey(PasskeyConfig(lengths=(8,), depths=(0.0, 1.0), eval_lengths=(16, 32), n_eval=2))
+  items = task.eval_items()
+  assert items[:4] == Passkey(PasskeyConfig(lengths=(8,), depths=(0.0, 1.0), n_eval=2)).eval_items()
+  assert [dict(it.group)["length"] for it in items] == [8] * 4 + [16] * 4 + [32] * 4
+  assert [task.beyond(it) for it in items] == [False] * 4 + [True] * 8
+  assert all(sum(task.document("train", i, 0)[0][0].count(f) for f in FILLER) == 8 for i in range(50))
+  scores = [AnswerScore(0.0, task.beyond(it), 2) for it in items]
+  r = task.report(items, scores)
+  assert r["passkey/acc"] == 0.0 and r["passkey/acc/depth/1.0"] == 0.0  # the trained length only
+  assert r["passkey/acc/length/16"] == r["passkey/acc/length/32/depth/0.0"] == 1.0
+
+
 @pytest.mark.parametrize("kwargs", [dict(vocab_size=64, seq_len=64), dict(seq_len=64, num_kv_pairs=17),
                                     dict(num_kv_pairs=0)])
 def test_mqar_rejects_invalid_configs(kwargs):

@@ -10,7 +10,11 @@ d_model 64 (4 pairs need 16 tokens) and d_model 32 at the hardest (4, 16). MQAR 
 window (16 >= T), where the sliding window is attention exactly, so MQAR runs it only when asked (``--only
 swa``; ``MQAR_MIXERS``); the sliding window is tested by passkey retrieval (BPE-512, 8 filler sentences at depths 0 / 0.5 / 1, 1000
 steps of 8 x 112 tokens; attention and the window by default, ``PASSKEY_MIXERS``), whose needle sits
-20-59 tokens before the answer, beyond the window. Two seeds each; every run is one ``experiments.grid``
+20-59 tokens before the answer, beyond the window. **Length generalization**: every run is also evaluated at 2x and 4x
+the length it trained on (MQAR test sequences of 2T and 4T tokens with the same pairs, the queries spread over them;
+passkey haystacks of 16 and 32 filler sentences, ~2x / 4x its 112 tokens), beyond the window 16 at all of them
+(columns ``acc_2x``, ``acc_4x``). The test-time memories (Titans LMM / MAG / MAL, MoM: ``S2_MIXERS``) run when
+named in ``--only``. Two seeds each; every run is one ``experiments.grid``
 run (``OUT/mqar/<variant>/seed<k>``, ``OUT/passkey/<mixer>/seed<k>``). Writes ``OUT/results.json`` /
 ``results.csv`` (a row per run: task, mixer, config, d_model, kv, T, seed, accuracy, decode-state bytes
 per sequence at T and at 4096 tokens, steps, wall seconds), ``results.md`` (mean ± std over seeds) and
@@ -41,7 +45,13 @@ MIXERS = {  # name -> (the tiny config with that sequence mixer, the commands gi
     "deltanet": ("deltanet_tiny", ("fiddler:mixer(name='deltanet')",)),
     "gdn": ("gdn_tiny", ("fiddler:mixer(name='gdn')",)),
     "hybrid": ("hybrid_tiny", ("fiddler:hybrid",)),
+    "titans": ("titans_lmm_tiny", ("fiddler:mixer(name='titans')",)),
+    "titans_mag": ("titans_mag_tiny", ("fiddler:mixer(name='titans_mag')",)),
+    "titans_mal": ("titans_mal_tiny", ("fiddler:hybrid(pattern='GW', G='titans', window=16)",)),
+    "mom": ("mom_tiny", ("fiddler:mixer(name='mom')",)),
 }
+S2_MIXERS = ("titans", "titans_mag", "titans_mal", "mom")  # run when named in --only
+GROW = (2, 4)  # evaluated at these multiples of the trained length too
 SHAPE = ("set:model.n_layers=4", "set:model.sequence_mixer.n_heads=4", "set:model.sequence_mixer.n_kv_heads=2",
          "fiddler:tied")
 SETTINGS = ((64, 2, 8), (64, 2, 16), (64, 4, 16), (32, 4, 16))  # (d_model, kv pairs, T); kv 4 needs T >= 16
@@ -50,7 +60,8 @@ MQAR = ("config:mqar_small", *SHAPE, "set:model.vocab=64", "set:data.mqar.vocab_
         "set:train.log_every=100")
 PASSKEY_T, FAR = 112, "passkey/acc/length/8/depth/0.0"  # prompts + answers ~104 BPE tokens; FAR: 59 tokens back
 PASSKEY = ("config:passkey_small", *SHAPE, "set:model.d_model=64", "set:model.channel_mixer.d_ff=128",
-           "set:data.passkey.lengths=(8,)", "set:data.passkey.depths=(0.0, 0.5, 1.0)", "set:data.passkey.n_eval=32",
+           "set:data.passkey.lengths=(8,)", f"set:data.passkey.eval_lengths={tuple(8 * g for g in GROW)}",
+           "set:data.passkey.depths=(0.0, 0.5, 1.0)", "set:data.passkey.n_eval=32",
            f"set:train.seq_len={PASSKEY_T}", "set:train.batch_size=8", "set:train.optim.lr=3e-3",
            "set:train.steps=1000", "set:train.log_every=100")
 # --quick (tests): one small MQAR setting and a passkey run of 3 steps each
@@ -59,13 +70,14 @@ QUICK = ("set:train.steps=3", "set:train.batch_size=4", "set:train.progress=Fals
 QUICK_TASK = {"mqar": ("set:eval.mqar_examples=8", "set:data.mqar.n_train=16"),
               "passkey": ("set:data.passkey.n_eval=1", "set:data.passkey.n_train=16", "set:train.seq_len=256")}
 PASSKEY_MIXERS = ("attention", "swa")  # passkey learns only after ~1000 steps: the default runs these two
-MQAR_MIXERS = tuple(m for m in MIXERS if m != "swa")  # at T <= 16 the window 16 changes nothing
+MQAR_MIXERS = tuple(m for m in MIXERS if m != "swa" and m not in S2_MIXERS)  # at T <= 16 the window 16 changes nothing
 LONG = 4096  # the context at which decode state is also reported (attention's KV cache grows with it)
 
 
 def setting(d: int, kv: int, t: int) -> tuple[str, ...]:
   return (f"set:model.d_model={d}", f"set:model.channel_mixer.d_ff={2 * d}", f"set:data.mqar.num_kv_pairs={kv}",
-          f"set:data.mqar.seq_len={t}", f"set:train.seq_len={t}")
+          f"set:data.mqar.seq_len={t}", f"set:data.mqar.eval_lengths={tuple(g * t for g in GROW)}",
+          f"set:train.seq_len={t}")
 
 
 def grids(quick: bool = False) -> dict[str, tuple[grid.Grid, dict[str, dict]]]:
@@ -102,6 +114,8 @@ def rows(task: str, records: Sequence[dict], fields: dict[str, dict]) -> list[di
     out.append({"task": task, **f, "config": MIXERS[f["mixer"]][0], "seed": r["seed"],
                 "acc": ev.get("mqar/acc" if task == "mqar" else "passkey/acc"),
                 "acc_far": ev.get(FAR) if task == "passkey" else None,
+                **{f"acc_{g}x": ev.get(f"mqar/acc/length/{g * f['T']}" if task == "mqar" else f"passkey/acc/length/{8 * g}")
+                   for g in GROW},
                 "state_bytes": r["decode_state_bytes_per_sequence"], f"state_bytes_{LONG}": long[key],
                 "steps": r["steps"], "wall_s": r["wall_s"], "params": r["params_total"],
                 "tokens_per_s": r["tokens_per_s"], "variant": r["variant"], "commands": r["commands"]})
@@ -114,7 +128,7 @@ def rows(task: str, records: Sequence[dict], fields: dict[str, dict]) -> list[di
 def acc(rs: Sequence[dict], mixer: str, task: str = "mqar", field: str = "acc", **where) -> np.ndarray:
   """The values of ``field`` over the seeds of one mixer (and setting: ``d_model=``, ``kv=``, ``T=``)."""
   return np.array([r[field] for r in rs if r["task"] == task and r["mixer"] == mixer
-                   and all(r[k] == v for k, v in where.items()) and r[field] is not None], float)
+                   and all(r[k] == v for k, v in where.items()) and r.get(field) is not None], float)
 
 
 def cell(x: np.ndarray, fmt: str = ".3f") -> str:
@@ -147,6 +161,7 @@ def table(rs: Sequence[dict]) -> str:
     lines += ["", f"Passkey (BPE-512, T={PASSKEY_T}; needle 20-59 tokens back, far: depth 0, 59 tokens back):", "",
               "| mixer | acc (all cells) | acc far needle |", "|---|---|---|"]
     lines += [f"| {m} | {cell(acc(rs, m, 'passkey'))} | {cell(acc(rs, m, 'passkey', 'acc_far'))} |" for m in pk]
+  lines += grown(rs, ss, ms)
   ts = sorted({(r["d_model"], r["T"]) for r in rs})
   wide = max(d for d, _ in ts)
   lines += ["", "Decode-state bytes per sequence:", "",
@@ -158,6 +173,20 @@ def table(rs: Sequence[dict]) -> str:
     lines.append(f"| {m} | " + " | ".join(f"{by[k]:,}" if k in by else "–" for k in ts)
                  + f" | {'–' if big is None else f'{big:,}'} |")
   return "\n".join(lines)
+
+
+def grown(rs: Sequence[dict], ss, ms) -> list[str]:
+  """Markdown lines: accuracy at 1x / 2x / 4x the trained length, per mixer (MQAR per setting, passkey)."""
+  cols = [*(("mqar", dict(zip(("d_model", "kv", "T"), s)), f"MQAR d{s[0]} kv{s[1]} T{s[2]}") for s in ss),
+          *((("passkey", {}, f"passkey T={PASSKEY_T}"),) if any(r["task"] == "passkey" for r in rs) else ())]
+  have = [m for m in ms if any(r["mixer"] == m and r.get(f"acc_{GROW[-1]}x") is not None for r in rs)]
+  if not have:
+    return []
+  f = lambda task, m, w: " / ".join(cell(acc(rs, m, task, k, **w), ".2f") for k in ("acc", *(f"acc_{g}x" for g in GROW)))  # noqa: E731
+  head = ["mixer", *(c for _, _, c in cols)]
+  return (["", f"Length generalization: accuracy at 1x / {' / '.join(f'{g}x' for g in GROW)} the trained length "
+                "(the window: 16 tokens):", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+          + [f"| {m} | " + " | ".join(f(t, m, w) for t, w, _ in cols) + " |" for m in have])
 
 
 def figure(rs: Sequence[dict]):

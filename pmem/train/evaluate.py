@@ -91,11 +91,11 @@ class Evaluator:
     return {"valid/loss": loss, "valid/ppl": math.exp(min(loss, 700.0)),
             "valid/bpb": nll / math.log(2) / max(nbytes, 1.0), "valid/tokens": tokens, **usage}
 
-  def answers(self, items: Sequence[EvalItem]) -> list[AnswerScore]:
-    """Teacher-forced answer scores of context -> answer probes."""
+  def answers(self, items: Sequence[EvalItem], fit: bool = False) -> list[AnswerScore]:
+    """Teacher-forced answer scores of context -> answer probes (``fit``: :meth:`_spans`)."""
     docs = pipe.encode_segments(self.data.tokenizer, [[(it.context, False), (it.answer, True)] for it in items])
     return [AnswerScore(nats=float(nll.sum()), correct=bool(hit.all()), tokens=len(hit))
-            for nll, hit in self._spans(docs, f"{len(items)} probes")]
+            for nll, hit in self._spans(docs, f"{len(items)} probes", fit)]
 
   def generated(self, items: Sequence[EvalItem]) -> list[bool]:
     """Whether each probe's greedy answer (:func:`greedy_answers`) matches its answer as a string
@@ -108,9 +108,11 @@ class Evaluator:
     """``task``'s report of teacher-forced (and with ``eval.generate``, generated) answers."""
     return task.report(items, self.answers(items), self.generated(items) if self.cfg.generate else None)
 
-  def _spans(self, docs: Sequence[pipe.Doc], name: str):
-    """(nll, correct) over each document's masked targets, one document per row."""
-    fields = pipe.window_fields(*pipe.pad_rows(docs, self.data.t + 1, name))
+  def _spans(self, docs: Sequence[pipe.Doc], name: str, fit: bool = False):
+    """(nll, correct) over each document's masked targets, one document per row of ``train.seq_len + 1``
+    tokens (``fit``: as long as the longest document, if longer: probes beyond the length trained on)."""
+    t1 = max(self.data.t + 1, *(len(x) for x, _ in docs)) if fit else self.data.t + 1
+    fields = pipe.window_fields(*pipe.pad_rows(docs, t1, name))
     for part, out, m in self._batches(fields):
       for i in range(m):
         sel = part["loss_mask"][i] > 0
@@ -125,11 +127,16 @@ class Evaluator:
       items = [it for t in ("seen", "heldout") for it in tasks["bios"].eval_items(t, self.cfg.bios_people)]
       out.update(self._probes(tasks["bios"], items))
     if "passkey" in tasks:
-      out.update(self._probes(tasks["passkey"], tasks["passkey"].eval_items()))
+      pk = tasks["passkey"]
+      items = pk.eval_items()
+      out.update(self._probes(pk, [it for it in items if not pk.beyond(it)]))
+      if far := [it for it in items if pk.beyond(it)]:  # teacher-forced only (a generator's cache: seq_len)
+        out.update(pk.report(far, self.answers(far, fit=True)))
     if "mqar" in tasks:
       m = tasks["mqar"]
       n = m.cfg.n_test if self.cfg.mqar_examples is None else self.cfg.mqar_examples
-      ex = [m.example("test", i) for i in range(n)]
-      hits = [hit for _, hit in self._spans([(x["tokens"], x["mask"]) for x in ex], "mqar")]
-      out.update(m.report(int(sum(h.sum() for h in hits)), int(sum(len(h) for h in hits))))
+      for t in (m.cfg.seq_len, *m.cfg.eval_lengths):
+        ex = [m.example("test", i, t) for i in range(n)]
+        hits = [hit for _, hit in self._spans([(x["tokens"], x["mask"]) for x in ex], "mqar", t != m.cfg.seq_len)]
+        out.update(m.report(int(sum(h.sum() for h in hits)), int(sum(len(h) for h in hits)), t))
     return out

@@ -342,8 +342,9 @@ class Trainer:
 
   def to_device(self, local: dict[str, np.ndarray], rows: Sequence[int]) -> dict[str, jax.Array]:
     """The global batch from this process's rows ``rows`` of it; ids are checked here because XLA
-    gathers clamp out-of-range ids silently."""
-    shape = (self.exp.train.batch_size, self.exp.train.seq_len)
+    gathers clamp out-of-range ids silently. Rows are ``train.seq_len`` long, or longer (evaluation probes
+    beyond the length trained on)."""
+    shape = (self.exp.train.batch_size, local["inputs"].shape[1])
     lo, hi = int(local["inputs"].min()), int(local["inputs"].max())
     if lo < 0 or hi >= self.exp.model.vocab:
       raise ValueError(f"batch has token ids in [{lo}, {hi}], outside [0, model.vocab={self.exp.model.vocab})")

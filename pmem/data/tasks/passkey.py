@@ -2,7 +2,9 @@
 
 intro / filler before / needle / filler after / question, joined by newlines as in Landmark's
 ``run_test.py``. ``length`` counts filler sentences (the 5-sentence garbage text, cycled) and
-``depth`` is the fraction of them placed before the needle.
+``depth`` is the fraction of them placed before the needle. ``eval_lengths``: filler lengths probed at
+evaluation only (never trained on), reported per length (``passkey/acc/length/L``, ``.../depth/d``):
+length generalization.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class PasskeyConfig:
   n_train: int = 10000
   n_eval: int = 8
   seed: int = 0
+  eval_lengths: tuple[int, ...] = ()  # filler lengths probed but not trained on (length generalization)
   weight: float = 1.0  # mixture weight (used by the caller)
 
 
@@ -44,7 +47,7 @@ class Passkey:
   """Training documents over the configured (length, depth) grid and one eval item set per grid cell."""
 
   def __init__(self, cfg: PasskeyConfig):
-    if cfg.digits < 1 or not cfg.lengths or not cfg.depths or not all(0 <= d <= 1 for d in cfg.depths):
+    if cfg.digits < 1 or not cfg.lengths or any(n < 0 for n in cfg.eval_lengths) or not cfg.depths or not all(0 <= d <= 1 for d in cfg.depths):
       raise ValueError(f"invalid passkey config {cfg}")
     self.cfg = cfg
 
@@ -66,9 +69,10 @@ class Passkey:
     return [(prompt(n, length, depth), True), (f" {n}", True)]
 
   def eval_items(self) -> list[EvalItem]:
-    """``n_eval`` items per (length, depth), passkeys from an rng stream disjoint from training."""
+    """``n_eval`` items per (length, depth) over ``lengths`` then ``eval_lengths``, passkeys from an rng stream
+    disjoint from training."""
     items = []
-    for i, length in enumerate(self.cfg.lengths):
+    for i, length in enumerate((*self.cfg.lengths, *self.cfg.eval_lengths)):
       for j, depth in enumerate(self.cfg.depths):
         for k in range(self.cfg.n_eval):
           n = self._sample(np.random.default_rng([self.cfg.seed, _EVAL, i, j, k]))
@@ -78,6 +82,13 @@ class Passkey:
   def report(self, items: Sequence[EvalItem], scores: Sequence[AnswerScore],
              generated: Sequence[bool] | None = None) -> dict[str, float]:
     """Exact-match accuracy overall, per length, per depth and per (length, depth): teacher-forced
-    (``passkey/acc...``) and, given per-item ``generated`` hits, generated (``passkey/generated_acc...``)."""
-    return accuracy("passkey", items, scores, generated, lambda g: (
-        "", f"/length/{g['length']}", f"/depth/{g['depth']}", f"/length/{g['length']}/depth/{g['depth']}"))
+    (``passkey/acc...``) and, given per-item ``generated`` hits, generated (``passkey/generated_acc...``).
+    Items at ``eval_lengths`` count only in their length's cells (overall and per depth: trained lengths)."""
+    def cells(g):
+      own = (f"/length/{g['length']}", f"/length/{g['length']}/depth/{g['depth']}")
+      return own if g["length"] not in self.cfg.lengths else ("", f"/depth/{g['depth']}", *own)
+    return accuracy("passkey", items, scores, generated, cells)
+
+  def beyond(self, item: EvalItem) -> bool:
+    """Whether ``item`` is at a length not trained on (``eval_lengths``)."""
+    return dict(item.group)["length"] not in self.cfg.lengths
