@@ -22,6 +22,15 @@ and β. Inputs: q, k L2-normalised per head, v normal, log decay −0.3·|N(0, 1
 first compute o, the final state and the five gradients on the timed inputs; each one's max |pmem − fla|
 over max |fla| must be <= ``SAME`` or nothing is timed. Then pmem and fla alternate per shape; medians.
 
+**Titans LMM vs titans-pytorch.** One memory layer, ``--titans`` B,T,D,H,chunk,depth (the issue's 8, 512, 256, 4,
+16, 2; MLP expansion 2): pmem's ``NeuralMemory`` (``titans``; no short conv, no clipping, float32, jitted and
+compiled ahead of time) against lucidrains' ``titans-pytorch`` 0.5.5 ``NeuralMemory`` configured to the same
+memory semantics (``experiments/oracles/titans_pytorch.py bench``: ``batch_size`` = the chunk, ``chunk_size`` 1;
+the mapping the tests check to float64 rounding; torch CPU float32, autograd), each a forward and backward of
+``Σ y·dy`` (random cotangent) w.r.t. every parameter. Tokens/s: medians, the two alternating. Peak memory beyond
+the inputs: pmem's compiled step's ``temp_bytes + output_bytes`` (XLA's ``memory_analysis``), torch's most bytes
+held at once during a step (its profiler's allocation events in time order).
+
 **Decode at a long context.** ``gdn_tiny`` vs ``tiny`` (batch 1, random bytes): :class:`pmem.decode.Generator`
 prefills ``--context`` tokens, then decodes ``--new_tokens`` greedily; tokens/s as in
 ``experiments/bench/decode.py`` (decode loop only), the prefill's seconds and the decode state's bytes per
@@ -29,11 +38,12 @@ sequence alongside; the two alternate after a warm-up generation each.
 
 XLA and torch get the CPUs this process may run on (``taskset`` pins both); pmem's malloc tunables apply.
 
-  python -m experiments.bench.mixers --out FILE.json [--quick] [--repeats 3]
+  python -m experiments.bench.mixers --out FILE.json [--quick] [--repeats 3] [--only train fla titans decode]
 
 The JSON holds ``machine``, ``train`` (one record per config and T), ``over_attention`` (per config and
 T), ``crossover`` and ``flat`` (per config), ``fla`` (per shape: pmem and fla seconds, their ratio, the
-agreement), ``decode`` (per config) and ``decode_ratio`` (gdn_tiny / tiny tokens/s).
+agreement), ``titans`` (tokens/s and peak bytes of both, their ratios), ``decode`` (per config) and
+``decode_ratio`` (gdn_tiny / tiny tokens/s); a section left out of ``--only`` is absent.
 """
 
 from __future__ import annotations
@@ -56,8 +66,10 @@ from configs import cli
 from experiments.bench.common import ROOT, TorchWorker
 from experiments.bench.decode import PAUSE_S, machine, model_of
 from pmem.core.runtime import reexec_with_tuned_malloc
+from pmem.core.mixer import TokenContext
 from pmem.decode import Generator
 from pmem.layers import recurrence
+from pmem.memory.titans import NeuralMemory
 from pmem.models.decoder import Decoder
 from pmem.train import optim
 from pmem.train.step import make_train_step
@@ -68,6 +80,7 @@ MIXERS = (BASE, "linear_attn_tiny", "gla_tiny", "mamba2_tiny", "deltanet_tiny", 
 DECODE = ("gdn_tiny", BASE)
 GRADS = ("q", "k", "v", "a", "beta")
 SAME = 1e-3  # float32 chunked forms in other orders agree to ~1e-5 of the largest value
+SECTIONS = ("train", "fla", "titans", "decode")
 
 
 def alternate(fns: dict, repeats: int) -> dict:
@@ -204,6 +217,43 @@ def versus_fla(a, threads: int) -> list[dict]:
   return records
 
 
+def titans_lmm_step(x: np.ndarray, dy: np.ndarray, h: int, chunk: int, depth: int):
+  """(one timed step → seconds, peak bytes) of pmem's LMM layer: forward + backward of ``Σ y·dy`` w.r.t. its
+  parameters, compiled ahead of time; peak: the compiled step's temporaries and outputs."""
+  b, t, d = x.shape
+  m = NeuralMemory(d, h, depth=depth, chunk=chunk, conv=0, max_grad_norm=None, rngs=nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+  pos = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
+  ctx = TokenContext(jnp.zeros((b, t), jnp.int32), jnp.asarray(pos), jnp.ones((b, t), jnp.int32))
+  grad = jax.grad(lambda p, x, dy: jnp.sum(nnx.merge(graphdef, p, rest)(x, ctx) * dy))
+  x, dy = jax.device_put((x, dy))
+  fn = jax.jit(grad).lower(params, x, dy).compile()
+  mem = fn.memory_analysis()
+  return functools.partial(_seconds, functools.partial(fn, params, x, dy)), \
+      int(mem.temp_size_in_bytes + mem.output_size_in_bytes)
+
+
+def versus_titans(a, threads: int) -> dict:
+  b, t, d, h, chunk, depth = a.titans
+  rng = np.random.default_rng(3)
+  x, dy = (rng.standard_normal((b, t, d)).astype(np.float32) for _ in range(2))
+  pmem_step, pmem_peak = titans_lmm_step(x, dy, h, chunk, depth)
+  with tempfile.TemporaryDirectory() as tmp:
+    inp, out = os.path.join(tmp, "in.npz"), os.path.join(tmp, "out.npz")
+    np.savez(inp, x=x, dy=dy, heads=h, chunk=chunk, depth=depth, expand=2.0, threads=threads)
+    worker = TorchWorker(a.oracle_python, "titans_pytorch.py", inp, out)
+    torch_peak = int(np.load(out)["peak_bytes"])
+  try:
+    runs = alternate({"pmem": pmem_step, "titans_pytorch": lambda: (worker.step(), time.sleep(PAUSE_S))[0]},
+                     a.repeats)
+  finally:
+    worker.close()
+  tps = {k: b * t / float(np.median(r)) for k, r in runs.items()}
+  return {"shape": dict(zip(("B", "T", "D", "H", "chunk", "depth"), a.titans)), "expand": 2,
+          "tokens_per_s": tps, "peak_bytes": {"pmem": pmem_peak, "titans_pytorch": torch_peak},
+          "speedup": tps["pmem"] / tps["titans_pytorch"], "peak_ratio": pmem_peak / torch_peak,
+          "runs_s": runs}
+
 
 def decode(a) -> list[dict]:
   prompt = np.random.default_rng(2).integers(0, 256, (1, a.context)).tolist()
@@ -231,6 +281,9 @@ def main(argv: list[str] | None = None) -> None:
   ap.add_argument("--chunk", type=int, default=64)
   ap.add_argument("--set", nargs="+", default=[], help="config commands after each model's config:NAME "
                                                        "(train and decode), e.g. set:model.n_layers=2")
+  ap.add_argument("--titans", type=lambda s: tuple(map(int, s.split(","))), default=(8, 512, 256, 4, 16, 2),
+                  help="B,T,D,H,chunk,depth of the Titans LMM vs titans-pytorch step")
+  ap.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="the sections to run")
   ap.add_argument("--context", type=int, default=4096, help="decode: prompt tokens")
   ap.add_argument("--new_tokens", type=int, default=64)
   ap.add_argument("--oracle_python",
@@ -239,50 +292,60 @@ def main(argv: list[str] | None = None) -> None:
   if a.quick:
     a.mixers, a.lengths, a.tokens, a.repeats = [BASE, "linear_attn_tiny"], [64, 128], 256, 2
     a.fla_shapes, a.context, a.new_tokens, a.set = [(1, 2, 128, 16, 16)], 64, 8, ["set:model.n_layers=1"]
+    a.titans = (1, 32, 32, 2, 8, 2)
   if BASE not in a.mixers or any(a.tokens % t for t in a.lengths):
     raise SystemExit(f"--mixers must include {BASE} and every --lengths T must divide --tokens")
   a.lengths = sorted(a.lengths)
   threads = len(os.sched_getaffinity(0))  # XLA:CPU's intra-op pool: one thread per usable CPU
   facts = machine(threads)
-  records = train(a)
-  over, crossover, flat = versus_attention(records, a.lengths)
-  fla = versus_fla(a, threads)
-  dec = decode(a)
-  tps = {r["config"]: r["tokens_per_s"] for r in dec}
-  decode_ratio = tps["gdn_tiny"] / tps[BASE]
-
+  res = {"machine": facts}
   print(f"{facts['cpu']}, {facts['cpus']} CPUs, XLA and torch threads {threads}, jax {facts['jax']}, "
         f"load average {facts['load_average']}")
-  lo, hi = a.lengths[0], a.lengths[-1]
-  us = {(r["config"], r["T"]): r for r in records}
-  head = " | ".join(f"T={t}" for t in a.lengths)
-  print(f"\ntrain step (fwd + bwd + AdamW), {a.tokens} tokens per batch: µs per token (over attention), "
-        f"median of {a.repeats}")
-  print(f"| config | {head} | t{hi} / t{lo} | cheaper than attention from T |\n|---|" + "---|" * (len(a.lengths) + 2))
-  for n in a.mixers:
-    cells = [f"{us[n, t]['token_us']:.1f}" + ("" if n == BASE else f" ({over[n][t]:.2f})") for t in a.lengths]
-    print(f"| {n} | {' | '.join(cells)} | {flat[n]:.2f} | {'' if n == BASE else crossover[n] or 'none'} |")
-  print(f"\nXLA temp MiB of the compiled step\n| config | {head} |\n|---|" + "---|" * len(a.lengths))
-  for n in a.mixers:
-    mib = [f"{us[n, t]['temp_bytes'] / 2**20:.0f}" for t in a.lengths]
-    print(f"| {n} | {' | '.join(mib)} |")
-  print(f"\nchunked Gated DeltaNet fwd + bwd (chunk {a.chunk}), pmem vs fla naive_chunk_gated_delta_rule "
-        "(torch float32)\n| B, H, T, K, V | pmem ms | fla ms | fla / pmem | max rel diff |\n|---|---|---|---|---|")
-  for r in fla:
-    print(f"| {', '.join(map(str, r['shape'].values()))} | {1e3 * r['pmem_s']:.1f} | {1e3 * r['fla_s']:.1f} | "
-          f"{r['fla_over_pmem']:.2f} | {max(r['max_rel_diff'].values()):.1e} |")
-  print(f"\ndecode, batch 1, {a.context}-token context, {a.new_tokens} new tokens\n"
-        "| config | decode tokens/s | prefill s | state bytes |\n|---|---|---|---|")
-  for r in dec:
-    print(f"| {r['config']} | {r['tokens_per_s']:,.0f} | {r['prefill_s']:.2f} | {r['state_bytes']:,} |")
-  print(f"gdn_tiny / tiny decode tokens/s: {decode_ratio:.2f}")
+  if "train" in a.only:
+    records = train(a)
+    over, crossover, flat = versus_attention(records, a.lengths)
+    res |= {"train": records, "over_attention": over, "crossover": crossover, "flat": flat}
+    lo, hi = a.lengths[0], a.lengths[-1]
+    us = {(r["config"], r["T"]): r for r in records}
+    head = " | ".join(f"T={t}" for t in a.lengths)
+    print(f"\ntrain step (fwd + bwd + AdamW), {a.tokens} tokens per batch: µs per token (over attention), "
+          f"median of {a.repeats}")
+    print(f"| config | {head} | t{hi} / t{lo} | cheaper than attention from T |\n|---|" +
+          "---|" * (len(a.lengths) + 2))
+    for n in a.mixers:
+      cells = [f"{us[n, t]['token_us']:.1f}" + ("" if n == BASE else f" ({over[n][t]:.2f})") for t in a.lengths]
+      print(f"| {n} | {' | '.join(cells)} | {flat[n]:.2f} | {'' if n == BASE else crossover[n] or 'none'} |")
+    print(f"\nXLA temp MiB of the compiled step\n| config | {head} |\n|---|" + "---|" * len(a.lengths))
+    for n in a.mixers:
+      mib = [f"{us[n, t]['temp_bytes'] / 2**20:.0f}" for t in a.lengths]
+      print(f"| {n} | {' | '.join(mib)} |")
+  if "fla" in a.only:
+    res["fla"] = fla = versus_fla(a, threads)
+    print(f"\nchunked Gated DeltaNet fwd + bwd (chunk {a.chunk}), pmem vs fla naive_chunk_gated_delta_rule "
+          "(torch float32)\n| B, H, T, K, V | pmem ms | fla ms | fla / pmem | max rel diff |\n|---|---|---|---|---|")
+    for r in fla:
+      print(f"| {', '.join(map(str, r['shape'].values()))} | {1e3 * r['pmem_s']:.1f} | {1e3 * r['fla_s']:.1f} | "
+            f"{r['fla_over_pmem']:.2f} | {max(r['max_rel_diff'].values()):.1e} |")
+  if "titans" in a.only:
+    res["titans"] = r = versus_titans(a, threads)
+    print("\nTitans LMM layer fwd + bwd ({}), pmem vs titans-pytorch (torch float32)\n"
+          "| | tokens/s | peak MiB |\n|---|---|---|".format(", ".join(f"{k}={v}" for k, v in r["shape"].items())))
+    for k in ("pmem", "titans_pytorch"):
+      print(f"| {k} | {r['tokens_per_s'][k]:,.0f} | {r['peak_bytes'][k] / 2**20:,.1f} |")
+    print(f"pmem / titans-pytorch: tokens/s {r['speedup']:.2f}x, peak memory {r['peak_ratio']:.2f}x")
+  if "decode" in a.only:
+    res["decode"] = dec = decode(a)
+    tps = {r["config"]: r["tokens_per_s"] for r in dec}
+    res["decode_ratio"] = tps["gdn_tiny"] / tps[BASE]
+    print(f"\ndecode, batch 1, {a.context}-token context, {a.new_tokens} new tokens\n"
+          "| config | decode tokens/s | prefill s | state bytes |\n|---|---|---|---|")
+    for r in dec:
+      print(f"| {r['config']} | {r['tokens_per_s']:,.0f} | {r['prefill_s']:.2f} | {r['state_bytes']:,} |")
+    print(f"gdn_tiny / tiny decode tokens/s: {res['decode_ratio']:.2f}")
 
   out = pathlib.Path(a.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps({"machine": facts, "train": records, "over_attention": over, "crossover": crossover,
-                             "flat": flat, "fla": fla, "decode": dec, "decode_ratio": decode_ratio,
-                             "config": vars(a)}, indent=1))
-
+  out.write_text(json.dumps(res | {"config": vars(a)}, indent=1))
 
 if __name__ == "__main__":
   reexec_with_tuned_malloc()

@@ -97,8 +97,9 @@ class Attention(nnx.Module):
     return {"k": kv(), "v": kv(), "pos": jnp.zeros((batch, s), jnp.int32), "seg": jnp.zeros((batch, s), jnp.int32),
             "end": jnp.zeros((), jnp.int32)}
 
-  def __call__(self, x: Float[Array, "B T D"], ctx: TokenContext, state: dict | None = None):
-    """``y`` (whole documents) or, with a cache ``state``, ``(y, new_state)`` (pmem.core.mixer)."""
+  def qkv(self, x: Float[Array, "B T D"], ctx: TokenContext):
+    """The queries ``[B, T, N, H]`` and keys ``[B, T, K, H]`` roped at ``ctx.positions``, and the values (after
+    :meth:`mix_values`), of ``x``."""
     dt, (b, t, d) = self.dtype, x.shape
     n, nkv, h = self.n_heads, self.n_kv_heads, self.head_dim
     x2 = x.astype(dt).reshape(b * t, d)  # 2-D matmuls (faster than 3-D einsums on XLA:CPU)
@@ -110,7 +111,12 @@ class Attention(nnx.Module):
     v = self.mix_values(v, x.astype(dt), ctx)
     q = constrain(apply_rope(q, ctx.positions, self.rope_theta), ("batch", "length", "act_heads", None))
     k = constrain(apply_rope(k, ctx.positions, self.rope_theta), ("batch", "length", "act_kv_heads", None))
-    v = constrain(v, ("batch", "length", "act_kv_heads", None))
+    return q, k, constrain(v, ("batch", "length", "act_kv_heads", None))
+
+  def __call__(self, x: Float[Array, "B T D"], ctx: TokenContext, state: dict | None = None):
+    """``y`` (whole documents) or, with a cache ``state``, ``(y, new_state)`` (pmem.core.mixer)."""
+    (b, t, d), n, h, dt = x.shape, self.n_heads, self.head_dim, self.dtype
+    q, k, v = self.qkv(x, ctx)
     if state is None and self.persistent:
       o = self._attend(q, k, v, segment_causal_mask(ctx.segment_ids, ctx.positions, self.window))
     elif state is None:

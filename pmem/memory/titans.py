@@ -37,6 +37,7 @@ from pmem.core import accounting
 from pmem.core.mixer import TokenContext
 from pmem.core.registry import SEQUENCE_MIXERS
 from pmem.core.rules import constrain
+from pmem.layers import adapters
 from pmem.layers.attention import Attention
 from pmem.layers.conv import ShortConv
 from pmem.layers.deltanet import _l2  # the L2 norm of DeltaNet's q and k
@@ -236,3 +237,131 @@ class MemoryAsGate(nnx.Module):
 
   def cost(self, seq_len: int) -> accounting.Cost:
     return self.attn.cost(seq_len) + self.lmm.cost(seq_len) + accounting.vector(4 * self.lmm.d_model)
+
+
+@SEQUENCE_MIXERS.register("titans_mac")
+class MemoryAsContext(nnx.Module):
+  """Memory as context (§4.1, eq. 21-25). A document's tokens fall in segments ``S^(i)`` of ``chunk`` positions
+  (``position // chunk``: the LMM's memory chunks, so the segment-start weights are the LMM's ``R``). Token ``t`` of
+  segment ``i`` (first token ``s``), in order:
+
+      h_t = M*_{R_i}(q(x_t))                    retrieval (eq. 21) with the weights at the segment's start, which
+                                                hold segments < i only (W0 in a document's first segment)
+      ỹ_t = Attn([p ‖ h_s..h_t ‖ x_s..x_t])      (eq. 22-23): causal and confined to the segment (and document)
+      M_t = update(M_{t−1}; ỹ_t)                the write (eq. 24): the LMM's :func:`step` on its k, v, θ, η, α of
+                                                ỹ_t, the gradient at R_i
+      o_t = W_o(RMS(M*_t(q(ỹ_t)))·γ ⊙ SiLU(ỹ_t W_g))   ỹ ⊗ M*_t(ỹ) (eq. 25), the read with the updated weights
+
+  Choices the paper leaves open:
+
+  - ``q(·)``, ``k(·)``, ``v(·)``, the gates: the LMM's (:meth:`NeuralMemory.inputs`: projections, short convs + SiLU,
+    q / k L2 norm) over two streams, the tokens ``x`` (its q only: the retrieval) and the attention outputs ``ỹ``
+    (the write and the output read), each with its own conv history.
+  - ``p``: the attention's ``persistent`` learned pairs (un-roped, every query sees them, eq. 19).
+  - The h tokens are keys / values through the attention's own W_K, W_V (the paper concatenates them to the
+    segment's tokens before one attention), keys roped at their token's position. Causal: token t sees h_t' and
+    x_t' for t' <= t of its segment only (the paper's ``[p ‖ h ‖ S^(i)]`` would show a token the reads of later
+    tokens); a segment's keys never reach the next segment except through the memory.
+  - Write token by token (gradients at R_i, as the LMM's chunks): a token's write reaches the reads of later segments
+    only, and a segment cut short (a prompt's end) has written already.
+  - ``⊗``: the LMM layer's own output gate (its head RMSNorm, ``W_g``, ``W_o``, out_scale) with ỹ as its input, so
+    MAC's memory is the ``titans`` layer run on ỹ plus the retrieval and no parameter is unused; ỹ is the
+    attention's output after its W_O (out_scale 1: an inner token).
+  - The LMM's ``chunk`` is the segment (``chunk`` here; its factory ``memory`` sets the other knobs).
+
+  Training and decoding run one ``lax.scan`` over the call's tokens (the token above; rematerialised per token):
+  attention over ``N_p + 2·chunk`` keys, then the LMM's step. Decode state, constant in ``max_len``: the LMM's
+  ``W, S, R``; ``conv``: ``{"x": the retrieval query's conv tail, "y": the LMM's tails over ỹ}``; the current
+  segment's buffers ``k, v`` (its tokens' roped keys / values) and ``hk, hv`` (its h tokens'), ``[B, chunk, K, H]``,
+  slot ``position % chunk``, with each slot's ``pos`` and ``seg`` ``int32 [B, chunk]``: a slot is seen by a query of
+  the same segment id and segment index ``pos // chunk`` at or after it, so segment and document starts need no
+  clearing; padding writes nothing."""
+
+  def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, persistent: int = 4, chunk: int = 16,
+               memory: Callable[..., NeuralMemory] = NeuralMemory, out_scale: float = 1.0, dtype: str = "float32",
+               *, rngs: nnx.Rngs):
+    if chunk < 1 or persistent < 0 or d_model % n_heads:
+      raise ValueError(f"titans_mac: chunk >= 1, persistent >= 0 and n_heads dividing d_model are required, got "
+                       f"chunk={chunk}, persistent={persistent}, d_model={d_model}, n_heads={n_heads}")
+    self.attn = Attention(d_model, n_heads, n_kv_heads or n_heads, dtype=dtype, persistent=persistent, rngs=rngs)
+    self.lmm = memory(d_model=d_model, n_heads=n_heads, chunk=chunk, out_scale=out_scale, dtype=dtype, rngs=rngs)
+    if self.lmm.n_heads * self.lmm.head_dim != d_model:
+      raise ValueError(f"titans_mac: the memory's heads x head_dim ({self.lmm.n_heads} x {self.lmm.head_dim}) must "
+                       f"be d_model={d_model} (its reads are the attention's h tokens)")
+    self.chunk, self.dtype = chunk, jnp.dtype(dtype)
+
+  def init_state(self, batch: int, max_len: int, dtype: str = "float32") -> dict:
+    s = self.lmm.init_state(batch, max_len, dtype)
+    kv = lambda: jnp.zeros((batch, self.chunk, self.attn.n_kv_heads, self.attn.head_dim), dtype)  # noqa: E731
+    slots = lambda: jnp.zeros((batch, self.chunk), jnp.int32)  # noqa: E731
+    return {"W": s["W"], "S": s["S"], "R": s["R"], "conv": {"x": {n: s["conv"][n] for n in s["conv"] if n == "q"},
+                                                          "y": s["conv"]},
+            "k": kv(), "v": kv(), "hk": kv(), "hv": kv(), "pos": slots(), "seg": slots()}
+
+  def mix(self, x: Float[Array, "B T D"], ctx: TokenContext, state: dict):
+    """``(ỹ [B, T, D], M*_t(q(ỹ)) [B, T, H, K], h [B, T, H, K], state')``: the call's tokens after ``state``."""
+    at, lmm, c, dt, (b, _, d) = self.attn, self.lmm, self.chunk, self.dtype, x.shape
+    acc = accumulator(dt)
+    W0 = tuple(w[...].astype(acc) for w in lmm.W0)
+    ln = (lmm.ln_gain[...].astype(acc), lmm.ln_bias[...].astype(acc)) if lmm.residual_norm else None
+    read = jax.vmap(jax.vmap(memory_apply, (0, 0, 0)), (0, 0, None))  # per row and head; ln per head
+    q, k, v = at.qkv(x, ctx)
+    # the x stream's retrieval queries; its k and v (from zero tails) are unused (pruned by XLA)
+    zero = {n: jnp.zeros_like(a) for n, a in state["conv"]["y"].items()}
+    qx, *_, tails_x = lmm.inputs(x, ctx, {**zero, **state["conv"]["x"]})
+
+    def body(s, xt):
+      qt, kt, vt, qxt, pos, seg = xt
+      valid = seg > 0
+      reset, start = doc_starts(pos) & valid, (pos % c == 0) & valid
+      bc = lambda m, w: m.reshape(m.shape + (1,) * (w.ndim - 1))  # noqa: E731
+      R = tuple(jnp.where(bc(reset, r), w0[None], jnp.where(bc(start, r), w, r))  # the R that `step` takes
+                for w0, w, r in zip(W0, s["W"], s["R"]))
+      h = read(R, qxt, ln)  # eq. 21
+      _, hk, hv = at.qkv(h.reshape(b, 1, d), TokenContext(None, pos[:, None], seg[:, None]))
+      put = (jnp.arange(c) == (pos % c)[:, None]) & valid[:, None]  # [B, c]: the token's slot (padding: none)
+      new = {n: jnp.where(put[:, :, None, None], a.astype(s[n].dtype), s[n])
+             for n, a in (("k", kt[:, None]), ("v", vt[:, None]), ("hk", hk), ("hv", hv))}
+      new["pos"], new["seg"] = jnp.where(put, pos[:, None], s["pos"]), jnp.where(put, seg[:, None], s["seg"])
+      seen = ((new["seg"] == seg[:, None]) & valid[:, None] & (new["pos"] // c == (pos // c)[:, None])
+              & (new["pos"] <= pos[:, None]))
+      keys, vals = (jnp.concatenate([new[f"h{n}"], new[n]], 1).astype(dt) for n in "kv")
+      o = at._attend(qt[:, None], keys, vals, jnp.concatenate([seen, seen], 1)[:, None, None])  # eq. 22-23
+      yt = adapters.project(at, "wo", o.reshape(b, -1), ctx.rng)
+      qy, ky, vy, th, et, al, ty = lmm.inputs(yt[:, None], TokenContext(None, pos[:, None], seg[:, None]), s["y"])
+      mem, m = step({n: s[n] for n in "WSR"}, W0, qy[:, 0], ky[:, 0], vy[:, 0], th[:, 0], et[:, 0], al[:, 0], reset,
+                    start, valid, ln=ln, max_grad_norm=lmm.max_grad_norm)  # eq. 24, and the read of eq. 25
+      new["y"] = {n: ty[n].astype(s["y"][n].dtype) for n in ty}
+      return {**mem, **new}, (yt, m, h)
+
+    carry = {**{n: state[n] for n in ("W", "S", "R", "k", "v", "hk", "hv", "pos", "seg")}, "y": state["conv"]["y"]}
+    xs = tuple(jnp.moveaxis(a, 1, 0) for a in (q, k, v, qx, ctx.positions, ctx.segment_ids))
+    carry, (yt, m, h) = jax.lax.scan(jax.checkpoint(body), carry, xs)
+    heads, kv_axes = ("batch", "act_heads", None, None), ("batch", "length", "act_kv_heads", None)
+    new = {n: jax.tree.map(lambda a: constrain(a, heads), carry[n]) for n in "WSR"}
+    new |= {n: constrain(carry[n], kv_axes) for n in ("k", "v", "hk", "hv")}
+    new |= {"pos": carry["pos"], "seg": carry["seg"],
+            "conv": {"x": {n: tails_x[n].astype(a.dtype) for n, a in state["conv"]["x"].items()}, "y": carry["y"]}}
+    return *(jnp.moveaxis(a, 0, 1) for a in (yt, m, h)), new
+
+  def __call__(self, x: Float[Array, "B T D"], ctx: TokenContext, state: dict | None = None):
+    lmm, dt, (b, t, d) = self.lmm, self.dtype, x.shape
+    yt, m, _, new = self.mix(x, ctx, self.init_state(b, t, dt) if state is None else state)
+    o = head_rms(m, lmm.norm[...]) * jax.nn.silu(yt.reshape(b * t, d) @ lmm.wg[...].astype(dt)).reshape(m.shape)
+    y = o.astype(dt).reshape(b * t, d) @ lmm.wo[...].astype(dt)
+    y = constrain(y.reshape(b, t, d), ("batch", "length", "embed"))
+    return y if state is None else (y, new)
+
+  def cost(self, seq_len: int) -> accounting.Cost:
+    """The attention's projections and persistent pairs, its scores over the segment's tokens and h tokens seen
+    (on average), the h tokens' keys / values; the LMM's cost (its inputs and step on ỹ, its output), plus the
+    retrieval: the x stream's query projection and conv and one more forward of the memory MLP per head."""
+    at, lmm, c = self.attn, self.lmm, self.chunk
+    d, n, nkv, hd = at.d_model, at.n_heads, at.n_kv_heads, at.head_dim
+    seen = sum(i % c + 1 for i in range(seq_len)) / seq_len  # segment tokens a query sees (as many h tokens)
+    proj = accounting.dense(d, n * hd) + 2 * accounting.dense(d, nkv * hd) + accounting.dense(n * hd, d)
+    attn = proj + accounting.vector(2 * at.persistent * nkv * hd) + accounting.Cost(
+        flops=int(4 * n * hd * (at.persistent + 2 * seen)) + 2 * 2 * d * nkv * hd)
+    w = sum(i * o for i, o in zip(lmm.dims[:-1], lmm.dims[1:]))
+    conv = lmm.convs["q"].cost(seq_len).flops if "q" in lmm.convs else 0
+    return attn + lmm.cost(seq_len) + accounting.Cost(flops=2 * d * d + conv + lmm.n_heads * 2 * w)
