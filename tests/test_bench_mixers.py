@@ -29,6 +29,8 @@ def test_mixers_bench_quick(tmp_path):
   assert fla["shape"] == {"B": 1, "H": 2, "T": 128, "K": 16, "V": 16} and fla["chunk"] == 64
   assert set(fla["max_rel_diff"]) == {"o", "S", "dq", "dk", "dv", "da", "dbeta"}
   assert max(fla["max_rel_diff"].values()) <= mixers.SAME and fla["pmem_s"] > 0 and fla["fla_s"] > 0
-  assert [(x["config"], x["context"], x["new_tokens"]) for x in r["decode"]] == [("gdn_tiny", 64, 8), ("tiny", 64, 8)]
+  assert [(x["config"], x["context"], x["new_tokens"]) for x in r["decode"]] == [
+      (n, c, 8) for c in (32, 64) for n in ("gdn_tiny", "tiny")]
   assert all(x["tokens_per_s"] > 0 and x["prefill_s"] > 0 and x["state_bytes"] > 0 for x in r["decode"])
-  assert r["decode_ratio"] > 0
+  assert r["decode_ratio"] > 0 and set(r["decode_flat"]) == {"gdn_tiny", "tiny"}
+  assert r["decode_flat"]["gdn_tiny"]["state_bytes"] == 1 < r["decode_flat"]["tiny"]["state_bytes"]

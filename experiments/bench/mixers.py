@@ -31,10 +31,12 @@ the mapping the tests check to float64 rounding; torch CPU float32, autograd), e
 the inputs: pmem's compiled step's ``temp_bytes + output_bytes`` (XLA's ``memory_analysis``), torch's most bytes
 held at once during a step (its profiler's allocation events in time order).
 
-**Decode at a long context.** ``gdn_tiny`` vs ``tiny`` (batch 1, random bytes): :class:`pmem.decode.Generator`
-prefills ``--context`` tokens, then decodes ``--new_tokens`` greedily; tokens/s as in
-``experiments/bench/decode.py`` (decode loop only), the prefill's seconds and the decode state's bytes per
-sequence alongside; the two alternate after a warm-up generation each.
+**Decode at a long context.** ``--decode`` configs (``gdn_tiny``, ``tiny``, ``mom_tiny``, ``titans_mac_tiny``;
+batch 1, random bytes): :class:`pmem.decode.Generator` prefills each ``--context`` length (512, 4096), then decodes
+``--new_tokens`` greedily; tokens/s as in ``experiments/bench/decode.py`` (decode loop only), the prefill's seconds
+and the decode state's bytes per sequence alongside; per context the configs alternate after a warm-up generation
+each. ``decode_flat``: per config, tokens/s and state bytes at the longest context over the shortest (a recurrent
+state: ~1 and exactly 1; attention's KV cache grows).
 
 XLA and torch get the CPUs this process may run on (``taskset`` pins both); pmem's malloc tunables apply.
 
@@ -42,8 +44,8 @@ XLA and torch get the CPUs this process may run on (``taskset`` pins both); pmem
 
 The JSON holds ``machine``, ``train`` (one record per config and T), ``over_attention`` (per config and
 T), ``crossover`` and ``flat`` (per config), ``fla`` (per shape: pmem and fla seconds, their ratio, the
-agreement), ``titans`` (tokens/s and peak bytes of both, their ratios), ``decode`` (per config) and
-``decode_ratio`` (gdn_tiny / tiny tokens/s); a section left out of ``--only`` is absent.
+agreement), ``titans`` (tokens/s and peak bytes of both, their ratios), ``decode`` (per config and context),
+``decode_ratio`` (gdn_tiny / tiny tokens/s at the longest context) and ``decode_flat``; a section left out of ``--only`` is absent.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ from pmem.train.step import make_train_step
 BASE = "tiny"  # full attention
 MIXERS = (BASE, "linear_attn_tiny", "gla_tiny", "mamba2_tiny", "deltanet_tiny", "gdn_tiny", "swa_tiny",
           "hybrid_tiny")
-DECODE = ("gdn_tiny", BASE)
+DECODE = ("gdn_tiny", BASE, "mom_tiny", "titans_mac_tiny")  # --decode's default (--quick: the first two)
 GRADS = ("q", "k", "v", "a", "beta")
 SAME = 1e-3  # float32 chunked forms in other orders agree to ~1e-5 of the largest value
 SECTIONS = ("train", "fla", "titans", "decode")
@@ -256,15 +258,29 @@ def versus_titans(a, threads: int) -> dict:
 
 
 def decode(a) -> list[dict]:
-  prompt = np.random.default_rng(2).integers(0, 256, (1, a.context)).tolist()
-  models = {n: model_of([f"config:{n}", *a.set]) for n in DECODE}
-  gens = {n: Generator(m, max_len=a.context + a.new_tokens) for n, m in models.items()}
-  runs = alternate({n: functools.partial(g.generate, prompt, a.new_tokens) for n, g in gens.items()}, a.repeats)
-  return [{"config": n, "context": a.context, "new_tokens": a.new_tokens,
-           "tokens_per_s": float(np.median([g.tokens_per_s for g in r])),
-           "prefill_s": float(np.median([g.prefill_s for g in r])),
-           "state_bytes": models[n].state_bytes(a.context + a.new_tokens),
-           "runs_tokens_per_s": [g.tokens_per_s for g in r]} for n, r in runs.items()]
+  """One record per ``--decode`` config and ``--context`` length (per context the configs alternate)."""
+  models = {n: model_of([f"config:{n}", *a.set]) for n in a.decode}
+  out = []
+  for c in a.context:
+    prompt = np.random.default_rng(2).integers(0, 256, (1, c)).tolist()
+    gens = {n: Generator(m, max_len=c + a.new_tokens) for n, m in models.items()}
+    runs = alternate({n: functools.partial(g.generate, prompt, a.new_tokens) for n, g in gens.items()}, a.repeats)
+    out += [{"config": n, "context": c, "new_tokens": a.new_tokens,
+             "tokens_per_s": float(np.median([g.tokens_per_s for g in r])),
+             "prefill_s": float(np.median([g.prefill_s for g in r])),
+             "state_bytes": models[n].state_bytes(c + a.new_tokens),
+             "runs_tokens_per_s": [g.tokens_per_s for g in r]} for n, r in runs.items()]
+  return out
+
+
+def decode_flat(records: list[dict]) -> dict:
+  """Per config: decode tokens/s and state bytes at the longest context over the shortest (flat: ~1 and 1)."""
+  by = {}
+  for r in records:
+    by.setdefault(r["config"], []).append(r)
+  return {n: {"tokens_per_s": rs[-1]["tokens_per_s"] / rs[0]["tokens_per_s"],
+              "state_bytes": rs[-1]["state_bytes"] / rs[0]["state_bytes"]}
+          for n, rs in ((n, sorted(rs, key=lambda r: r["context"])) for n, rs in by.items())}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -284,17 +300,21 @@ def main(argv: list[str] | None = None) -> None:
   ap.add_argument("--titans", type=lambda s: tuple(map(int, s.split(","))), default=(8, 512, 256, 4, 16, 2),
                   help="B,T,D,H,chunk,depth of the Titans LMM vs titans-pytorch step")
   ap.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="the sections to run")
-  ap.add_argument("--context", type=int, default=4096, help="decode: prompt tokens")
+  ap.add_argument("--decode", nargs="+", default=list(DECODE), help=f"decode: configs (with {DECODE[0]} and {BASE})")
+  ap.add_argument("--context", type=int, nargs="+", default=[512, 4096], help="decode: prompt tokens")
   ap.add_argument("--new_tokens", type=int, default=64)
   ap.add_argument("--oracle_python",
                   default=os.environ.get("PMEM_ORACLE_PYTHON", str(ROOT / ".venv-oracle/bin/python")))
   a = ap.parse_args(argv)
   if a.quick:
     a.mixers, a.lengths, a.tokens, a.repeats = [BASE, "linear_attn_tiny"], [64, 128], 256, 2
-    a.fla_shapes, a.context, a.new_tokens, a.set = [(1, 2, 128, 16, 16)], 64, 8, ["set:model.n_layers=1"]
+    a.fla_shapes, a.context, a.new_tokens, a.set = [(1, 2, 128, 16, 16)], [32, 64], 8, ["set:model.n_layers=1"]
+    a.decode = list(DECODE[:2])
     a.titans = (1, 32, 32, 2, 8, 2)
   if BASE not in a.mixers or any(a.tokens % t for t in a.lengths):
     raise SystemExit(f"--mixers must include {BASE} and every --lengths T must divide --tokens")
+  if not {DECODE[0], BASE} <= set(a.decode):
+    raise SystemExit(f"--decode must include {DECODE[0]} and {BASE}")
   a.lengths = sorted(a.lengths)
   threads = len(os.sched_getaffinity(0))  # XLA:CPU's intra-op pool: one thread per usable CPU
   facts = machine(threads)
@@ -335,13 +355,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"pmem / titans-pytorch: tokens/s {r['speedup']:.2f}x, peak memory {r['peak_ratio']:.2f}x")
   if "decode" in a.only:
     res["decode"] = dec = decode(a)
-    tps = {r["config"]: r["tokens_per_s"] for r in dec}
-    res["decode_ratio"] = tps["gdn_tiny"] / tps[BASE]
-    print(f"\ndecode, batch 1, {a.context}-token context, {a.new_tokens} new tokens\n"
-          "| config | decode tokens/s | prefill s | state bytes |\n|---|---|---|---|")
+    long = max(a.context)
+    tps = {r["config"]: r["tokens_per_s"] for r in dec if r["context"] == long}
+    res["decode_ratio"], res["decode_flat"] = tps["gdn_tiny"] / tps[BASE], decode_flat(dec)
+    print(f"\ndecode, batch 1, {a.new_tokens} new tokens\n"
+          "| config | context | decode tokens/s | prefill s | state bytes |\n|---|---|---|---|---|")
     for r in dec:
-      print(f"| {r['config']} | {r['tokens_per_s']:,.0f} | {r['prefill_s']:.2f} | {r['state_bytes']:,} |")
-    print(f"gdn_tiny / tiny decode tokens/s: {res['decode_ratio']:.2f}")
+      print(f"| {r['config']} | {r['context']} | {r['tokens_per_s']:,.0f} | {r['prefill_s']:.2f} | {r['state_bytes']:,} |")
+    print(f"gdn_tiny / tiny decode tokens/s at {long}: {res['decode_ratio']:.2f}; at {long} over {min(a.context)} "
+          "tokens (tokens/s, state bytes): " + ", ".join(f"{n} {f['tokens_per_s']:.2f} / {f['state_bytes']:.2f}"
+                                                       for n, f in res["decode_flat"].items()))
 
   out = pathlib.Path(a.out)
   out.parent.mkdir(parents=True, exist_ok=True)
