@@ -17,12 +17,12 @@ import pytest
 from flax import nnx
 
 from configs import cli
-from pmem.core.mixer import TokenContext
 from pmem.memory.mela import HierarchicalMemory
 from pmem.memory.titans import NeuralMemory
 from pmem.models import Decoder
 from pmem.train.loop import Trainer
 from tests.test_titans import transcription
+from tests.mixer_inputs import ctx, perturb
 from tests.tolerances import assert_close
 
 B, T, D, H, K, C, R = 2, 13, 8, 2, 4, 2, 3  # rows, tokens, width, heads (head_dim 4), fast chunk, slow = C·R = 6
@@ -37,16 +37,9 @@ def layout():
   return pos, seg
 
 
-def ctx(pos, seg):
-  return TokenContext(None, jnp.asarray(pos, jnp.int32), jnp.asarray(seg, jnp.int32), {})
-
-
 def perturbed(m, seed: int = 1):
   """``m`` with every parameter moved off its init (gates, convs, the mix), and an input ``[B, T, D]``."""
-  leaves, tree = jax.tree.flatten(nnx.state(m, nnx.Param))
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  nnx.update(m, jax.tree.unflatten(tree, [v + 0.2 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys)]))
-  return m, np.asarray(jax.random.normal(jax.random.key(2), (B, T, D)))
+  return perturb(m, 0.2, seed), np.asarray(jax.random.normal(jax.random.key(2), (B, T, D)))
 
 
 def jitted(m):

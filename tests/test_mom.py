@@ -22,6 +22,7 @@ from pmem.layers.mom import MoM, balance_loss
 from pmem.models.decoder import Decoder, unstack
 from pmem.train.loop import Trainer
 from pmem.train.step import forward_loss
+from tests.mixer_inputs import ctx, perturb
 from tests.tolerances import assert_close
 
 D, H, T = 32, 2, 37  # d_model, heads (head_dim 16), tokens: not a multiple of the chunks 8 and 64
@@ -35,16 +36,9 @@ def layout():
   return pos, seg
 
 
-def ctx(pos, seg):
-  return TokenContext(None, jnp.asarray(pos, jnp.int32), jnp.asarray(seg, jnp.int32), {})
-
-
 def perturbed(m, seed: int = 1):
   """``m`` with every parameter moved off its init (routers, gates, convs), and an input ``[3, T, D]``."""
-  leaves, tree = jax.tree.flatten(nnx.state(m, nnx.Param))
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  nnx.update(m, jax.tree.unflatten(tree, [v + 0.1 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys)]))
-  return m, np.asarray(jax.random.normal(jax.random.key(2), (3, T, D)))
+  return perturb(m, 0.1, seed), np.asarray(jax.random.normal(jax.random.key(2), (3, T, D)))
 
 
 def heads(S, m):
