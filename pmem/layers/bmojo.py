@@ -93,7 +93,7 @@ class BMojo(nnx.Module):
     self.ssm = GatedDeltaNet(d_model, n_heads, head_dim, conv=0, chunk=chunk, dtype=dtype, rngs=rngs) if ssm else None
 
   def init_state(self, batch: int, max_len: int, dtype: str = "float32") -> dict:
-    s, (nkv, h) = min(max_len, max_len if self.window is None else self.window), (self.attn.n_kv_heads, self.attn.head_dim)
+    s, (nkv, h) = max_len if self.window is None else min(max_len, self.window), (self.attn.n_kv_heads, self.attn.head_dim)
     slots = lambda n, *fields: {"k": jnp.zeros((batch, n, nkv, h), dtype), "v": jnp.zeros((batch, n, nkv, h), dtype),  # noqa: E731
                                 **{f: jnp.zeros((batch, n), jnp.int32) for f in ("pos", "seg", *fields)}}
     state = {"ring": slots(s)}
